@@ -1,0 +1,143 @@
+"""
+The built-in dataset: images of squares, circles and triangles with instance masks, in COCO format.
+
+It lets Mask R-CNN be trained and COCO-evaluated end to end where COCO cannot be downloaded. The images
+are generated deterministically from a seed, written once to a cache directory (images plus
+``instances_<split>.json``), and registered in detectron2's DatasetCatalog/MetadataCatalog as
+``nl_shapes_train`` and ``nl_shapes_val``, so training and evaluation take the same path as on COCO.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+__all__ = ["SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "register_shapes"]
+
+SHAPES_CLASSES = ["square", "circle", "triangle"]
+# name -> (number of images, seed). Changing the generator means bumping _VERSION.
+SHAPES_SPLITS = {"nl_shapes_train": ("train", 1000, 0), "nl_shapes_val": ("val", 100, 1)}
+IMAGE_SIZE = 256
+_VERSION = 1
+
+
+def shapes_root() -> str:
+    """The cache directory: ``$NL_DETECTRON_CACHE/shapes-v1`` (default ``~/.cache/nl_detectron``)."""
+    cache = os.environ.get("NL_DETECTRON_CACHE", os.path.join("~", ".cache", "nl_detectron"))
+    return os.path.join(os.path.expanduser(cache), f"shapes-v{_VERSION}")
+
+
+def _polygon(kind, cx, cy, r, angle):
+    """Vertices (x, y) of a shape of circumradius r centred at (cx, cy)."""
+    n = {"square": 4, "triangle": 3, "circle": 32}[kind]
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * k / n), cy + r * math.sin(angle + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
+
+
+def _draw_image(rng: np.random.RandomState, size: int):
+    """One image (H, W, 3 uint8) and its annotations; shapes do not overlap, so polygons are exact masks."""
+    background = rng.randint(0, 256, size=3)
+    noise = rng.randint(-20, 21, size=(size, size, 3))
+    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    annotations, placed = [], []
+    for _ in range(rng.randint(1, 5)):
+        for _attempt in range(20):
+            r = rng.uniform(size * 0.06, size * 0.2)
+            cx, cy = rng.uniform(r, size - r, size=2)
+            if all(math.hypot(cx - x, cy - y) > r + s + 2 for x, y, s in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, r))
+        category = rng.randint(len(SHAPES_CLASSES))
+        vertices = _polygon(SHAPES_CLASSES[category], cx, cy, r, rng.uniform(0, 2 * math.pi))
+        # A colour far from the background, so that every shape is visible.
+        color = (background + rng.randint(80, 176, size=3)) % 256
+        draw.polygon(vertices, fill=tuple(int(c) for c in color))
+        xs, ys = [v[0] for v in vertices], [v[1] for v in vertices]
+        area = 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs))))
+        annotations.append(
+            {
+                "category_id": category + 1,
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                "segmentation": [[c for v in vertices for c in v]],
+                "area": area,
+                "iscrowd": 0,
+            }
+        )
+    return image, annotations
+
+
+def generate_shapes(root: str, split: str, num_images: int, seed: int, size: int = IMAGE_SIZE) -> None:
+    """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json`` (COCO format)."""
+    rng = np.random.RandomState(seed)
+    images, annotations = [], []
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    for image_id in range(1, num_images + 1):
+        image, anns = _draw_image(rng, size)
+        file_name = f"{image_id:06d}.png"
+        image.save(os.path.join(root, split, file_name))
+        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        for ann in anns:
+            annotations.append(dict(ann, id=len(annotations) + 1, image_id=image_id))
+    coco = {
+        "info": {"description": f"nl_detectron built-in shapes, split {split}, seed {seed}"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SHAPES_CLASSES)],
+    }
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+        json.dump(coco, f)
+
+
+def ensure_shapes(name: str) -> None:
+    """Generate split ``name`` where its metadata points, unless it is there; safe when processes race."""
+    split, num_images, seed = SHAPES_SPLITS[name]
+    meta = MetadataCatalog.get(name)
+    if os.path.isdir(meta.image_root):  # the image folder is moved into place last
+        return
+    root = os.path.dirname(meta.image_root)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    # Build in a private temp dir, then move the finished split into place: a killed or concurrent
+    # generation never leaves a half-written split where readers look.
+    tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=root)
+    try:
+        generate_shapes(tmp, split, num_images, seed)
+        os.replace(os.path.join(tmp, "annotations", f"instances_{split}.json"), meta.json_file)
+        try:
+            os.rename(os.path.join(tmp, split), meta.image_root)
+        except OSError:  # another process finished first, with the same content
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(name: str):
+    ensure_shapes(name)
+    meta = MetadataCatalog.get(name)
+    return load_coco_json(meta.json_file, meta.image_root, name)
+
+
+def register_shapes() -> None:
+    """Register ``nl_shapes_train`` and ``nl_shapes_val`` (idempotent). Files are generated on first use."""
+    root = shapes_root()
+    for name, (split, _, _) in SHAPES_SPLITS.items():
+        if name in DatasetCatalog.list():
+            continue
+        DatasetCatalog.register(name, lambda name=name: _load(name))
+        MetadataCatalog.get(name).set(
+            json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
+            image_root=os.path.join(root, split),
+            evaluator_type="coco",
+            thing_classes=list(SHAPES_CLASSES),
+        )

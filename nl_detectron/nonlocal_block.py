@@ -1,0 +1,253 @@
+"""The non-local block of Wang et al., "Non-local Neural Networks" (CVPR 2018), for 2-D feature maps."""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from detectron2.layers import Conv2d, get_norm
+
+__all__ = ["NonLocalBlock2d", "NonLocalArgumentError", "NONLOCAL_MODES", "NONLOCAL_NORMS"]
+
+NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+# detectron2's norm names (detectron2.layers.get_norm). "FrozenBN" is left out on purpose: a frozen
+# norm whose scale starts at zero would keep the block an identity mapping forever.
+NONLOCAL_NORMS = ("", "BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "GN", "LN")
+
+
+class NonLocalBlock2d(nn.Module):
+    """
+    ``z = x + W_z(y)`` with ``y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j)`` (paper, eq. 1 and 6).
+
+    Positions i run over the H x W input; positions j over the keys, which are the input's positions or,
+    with ``sub_sample``, those of a 2x2 max-pool of phi(x) and g(x) (paper, section 3.3).
+    ``mode`` picks the pairwise function f and its normaliser C(x) (paper, section 3.2):
+
+    * ``embedded_gaussian``: softmax_j(theta(x_i)^T phi(x_j) * s), the paper's default.
+    * ``gaussian``: softmax_j(x_i^T x_j * s), no theta/phi embeddings (keys still max-pooled).
+    * ``dot_product``: theta(x_i)^T phi(x_j) / N', N' the number of keys.
+    * ``concatenation``: ReLU(w_f^T [theta(x_i), phi(x_j)]) / N'.
+
+    ``s`` is ``1/sqrt(d)`` (d: channels of the dot product) when ``use_scale``, else 1.
+
+    None of the modes keeps an N x N' pairwise matrix for backward: the softmax modes run through
+    :func:`torch.nn.functional.scaled_dot_product_attention`, ``dot_product`` computes
+    ``theta (phi^T g) / N'`` (linear in N), and ``concatenation`` works through query chunks that are
+    recomputed in backward. :meth:`pairwise_weights` materialises the matrix when one wants to see it.
+
+    The block is an identity mapping at initialisation: W_z is zero when ``norm`` is empty, otherwise
+    the scale of the norm after W_z is zero (paper, section 4.1).
+    """
+
+    # Upper bound on the elements of one chunk of the concatenation pairwise matrix (16 MiB in fp32).
+    concat_chunk_elements = 1 << 22
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        mode: str = "embedded_gaussian",
+        reduction: int = 2,
+        sub_sample: bool = True,
+        use_scale: bool = True,
+        norm: str = "",
+    ):
+        """
+        Args:
+            in_channels: channels C of the input (and output).
+            mode: one of :data:`NONLOCAL_MODES`.
+            reduction: theta, phi and g have ``in_channels // reduction`` channels (the paper: 2).
+            sub_sample: 2x2 max-pool phi(x) and g(x), so there are ~4x fewer keys (the paper: yes).
+            use_scale: scale the softmax logits by 1/sqrt(d). The paper does not; the authors'
+                released code does, and unscaled logits of 512-d embeddings saturate the softmax and
+                overflow float16, hence the default True. Only used by the softmax modes.
+            norm: norm after W_z, by detectron2's name (one of :data:`NONLOCAL_NORMS`); "" for none.
+        """
+        super().__init__()
+        _check_int("in_channels", in_channels)
+        _check_choice("mode", mode, NONLOCAL_MODES)
+        _check_int("reduction", reduction)
+        _check_choice("norm", norm, NONLOCAL_NORMS)
+        if in_channels % reduction != 0:
+            raise NonLocalArgumentError(
+                "reduction", reduction,
+                f"must divide in_channels={in_channels} so that the inner channels "
+                f"in_channels // reduction are a positive integer (valid choices: the divisors of "
+                f"{in_channels})",
+            )
+        inner = in_channels // reduction
+        if norm == "GN" and in_channels % 32 != 0:
+            raise NonLocalArgumentError(
+                "norm", norm, f"uses 32 groups, which must divide in_channels={in_channels}"
+            )
+        self.in_channels = in_channels
+        self.inner_channels = inner
+        self.mode = mode
+        self.sub_sample = bool(sub_sample)
+        self.use_scale = bool(use_scale)
+
+        # Gaussian compares the inputs themselves: theta and phi are the identity.
+        embedded = mode != "gaussian"
+        self.theta = nn.Conv2d(in_channels, inner, 1) if embedded else None
+        self.phi = nn.Conv2d(in_channels, inner, 1) if embedded else None
+        self.g = nn.Conv2d(in_channels, inner, 1)
+        # w_f of the concatenation form, split as [w_theta, w_phi] so that
+        # w_f^T [theta_i, phi_j] = w_theta^T theta_i + w_phi^T phi_j.
+        self.concat_project = nn.Linear(2 * inner, 1, bias=False) if mode == "concatenation" else None
+        self.w_z = Conv2d(inner, in_channels, 1, bias=not norm, norm=get_norm(norm, in_channels))
+
+        # The authors' code: Gaussian(0, 0.01) weights, zero biases, zero-initialised output.
+        for m in (self.theta, self.phi, self.g, self.concat_project):
+            if m is not None:
+                nn.init.normal_(m.weight, std=0.01)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if norm:
+            nn.init.normal_(self.w_z.weight, std=0.01)
+            nn.init.zeros_(self.w_z.norm.weight)
+            nn.init.zeros_(self.w_z.norm.bias)
+        else:
+            nn.init.zeros_(self.w_z.weight)
+            nn.init.zeros_(self.w_z.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, inner_channels={self.inner_channels}, "
+            f"mode={self.mode}, sub_sample={self.sub_sample}, use_scale={self.use_scale}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: (B, C, H, W) with C == in_channels.
+
+        Returns:
+            (B, C, H, W): ``x + W_z(y)``.
+        """
+        b, _, h, w = self._check_input(x).shape
+        query, key, value = self._embed(x)
+        y = self._aggregate(query, key, value)  # (B, H*W, inner)
+        y = y.transpose(1, 2).reshape(b, self.inner_channels, h, w)
+        return x + self.w_z(y)
+
+    @torch.no_grad()
+    def pairwise_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """
+        The normalised pairwise weights f(x_i, x_j) / C(x) that :meth:`forward` applies, materialised.
+        For inspection (e.g. tools/visualize_attention.py); forward never builds this matrix.
+
+        Args:
+            x: (B, C, H, W), the block's input.
+
+        Returns:
+            weights: (B, H*W, N') with N' = Hk*Wk keys; rows sum to 1 in the softmax modes.
+            (Hk, Wk): the key grid.
+        """
+        self._check_input(x)
+        query, key, _ = self._embed(x)
+        query, key = query.float(), key.float()
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            weights = torch.softmax(query @ key.transpose(1, 2) * self._scale(query), dim=-1)
+        elif self.mode == "dot_product":
+            weights = query @ key.transpose(1, 2) / key.shape[1]
+        else:
+            u, v = self._concat_terms(query, key)
+            weights = F.relu(u[:, :, None] + v[:, None, :]) / key.shape[1]
+        return weights, self.key_grid(x.shape[-2], x.shape[-1])
+
+    def key_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(Hk, Wk): the key positions' grid for an input of ``height`` x ``width``."""
+        if self.sub_sample:
+            return math.ceil(height / 2), math.ceil(width / 2)
+        return height, width
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"NonLocalBlock2d expects a 4-D input (B, C, H, W); got x with shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"NonLocalBlock2d was built with in_channels={self.in_channels}; "
+                f"got x with {x.shape[1]} channels (shape {tuple(x.shape)})"
+            )
+        return x
+
+    def _embed(self, x: torch.Tensor):
+        """query (B, N, d), key (B, N', d), value (B, N', inner), contiguous, as SDPA's fast CPU kernel needs."""
+        theta = self.theta(x) if self.theta is not None else x
+        phi = self.phi(x) if self.phi is not None else x
+        g = self.g(x)
+        if self.sub_sample:
+            # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
+            phi = F.max_pool2d(phi, 2, ceil_mode=True)
+            g = F.max_pool2d(g, 2, ceil_mode=True)
+        return tuple(t.flatten(2).transpose(1, 2).contiguous() for t in (theta, phi, g))
+
+    def _scale(self, query: torch.Tensor) -> float:
+        return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
+
+    def _concat_terms(self, query, key):
+        w_theta, w_phi = self.concat_project.weight.to(query.dtype).chunk(2, dim=1)
+        return (query @ w_theta.t()).squeeze(-1), (key @ w_phi.t()).squeeze(-1)
+
+    def _aggregate(self, query, key, value):
+        # float16 cannot hold the dot products or sums over thousands of positions: compute in float32.
+        out_dtype = query.dtype
+        if out_dtype == torch.float16:
+            query, key, value = query.float(), key.float(), value.float()
+        num_keys = key.shape[1]
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            y = F.scaled_dot_product_attention(
+                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self._scale(query)
+            ).squeeze(1)
+        elif self.mode == "dot_product":
+            # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
+            y = query @ (key.transpose(1, 2) @ value) / num_keys
+        else:
+            y = self._concat_aggregate(query, key, value)
+        return y.to(out_dtype)
+
+    def _concat_aggregate(self, query, key, value):
+        u, v = self._concat_terms(query, key)  # (B, N), (B, N')
+        b, n = u.shape
+        chunk = max(1, self.concat_chunk_elements // (b * key.shape[1]))
+        recompute = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (u, v, value)
+        )
+        outs = []
+        for start in range(0, n, chunk):
+            u_chunk = u[:, start : start + chunk]
+            if recompute:
+                # Recompute the chunk's pairwise matrix in backward instead of keeping all of them.
+                outs.append(checkpoint(_concat_chunk, u_chunk, v, value, use_reentrant=False))
+            else:
+                outs.append(_concat_chunk(u_chunk, v, value))
+        return torch.cat(outs, dim=1)
+
+
+def _concat_chunk(u, v, value):
+    """ReLU(u_i + v_j) / N' applied to value: (B, n), (B, N'), (B, N', C) -> (B, n, C)."""
+    return F.relu(u[:, :, None] + v[:, None, :]) @ value / v.shape[1]
+
+
+class NonLocalArgumentError(ValueError):
+    """A bad argument of the non-local block or backbone; ``argument`` names it, ``value`` is what was given."""
+
+    def __init__(self, argument: str, value, reason: str):
+        self.argument, self.value, self.reason = argument, value, reason
+        super().__init__(f"{argument}={value!r}: {reason}")
+
+
+def _check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NonLocalArgumentError(name, value, "must be a positive integer")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise NonLocalArgumentError(
+            name, value, f"unknown value; valid choices: {', '.join(repr(c) for c in choices)}"
+        )

@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""
+Train and evaluate Mask R-CNN with non-local ResNet backbones, with detectron2's command line:
+
+    tools/train_net.py --config-file configs/mask_rcnn_nl_R50.yaml --num-gpus 8
+    tools/train_net.py --config-file configs/mask_rcnn_nl_R50.yaml --eval-only MODEL.WEIGHTS model.pth
+"""
+import torch
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+
+from nl_detectron import add_nonlocal_config
+from nl_detectron.data import check_datasets
+from nl_detectron.engine import Trainer
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_nonlocal_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"  # logged by default_setup's config dump
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    check_datasets(cfg)  # before the model is built: a missing dataset fails now, naming its path
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
