@@ -2,6 +2,7 @@
 import math
 from typing import Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +71,8 @@ class NonLocalBlock2d(nn.Module):
         _check_choice("mode", mode, NONLOCAL_MODES)
         _check_int("reduction", reduction)
         _check_choice("norm", norm, NONLOCAL_NORMS)
+        _check_bool("sub_sample", sub_sample)
+        _check_bool("use_scale", use_scale)
         if in_channels % reduction != 0:
             raise NonLocalArgumentError(
                 "reduction", reduction,
@@ -147,7 +150,8 @@ class NonLocalBlock2d(nn.Module):
         """
         self._check_input(x)
         query, key, _ = self._embed(x)
-        query, key = query.float(), key.float()
+        if query.dtype in (torch.float16, torch.bfloat16):  # keep float64 as it is
+            query, key = query.float(), key.float()
         if self.mode in ("embedded_gaussian", "gaussian"):
             weights = torch.softmax(query @ key.transpose(1, 2) * self._scale(query), dim=-1)
         elif self.mode == "dot_product":
@@ -200,9 +204,15 @@ class NonLocalBlock2d(nn.Module):
             query, key, value = query.float(), key.float(), value.float()
         num_keys = key.shape[1]
         if self.mode in ("embedded_gaussian", "gaussian"):
+            inner = value.shape[-1]
+            if inner != query.shape[-1]:
+                # gaussian: the logits have C channels, the values C' = C / reduction. SDPA's fused CPU
+                # kernel needs one head dim for q, k and v and otherwise silently falls back to the math
+                # path, which materialises the N x N' matrix: pad the values with zero channels.
+                value = F.pad(value, (0, query.shape[-1] - inner))
             y = F.scaled_dot_product_attention(
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self._scale(query)
-            ).squeeze(1)
+            ).squeeze(1)[..., :inner]
         elif self.mode == "dot_product":
             # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
             y = query @ (key.transpose(1, 2) @ value) / num_keys
@@ -244,6 +254,12 @@ class NonLocalArgumentError(ValueError):
 def _check_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise NonLocalArgumentError(name, value, "must be a positive integer")
+
+
+def _check_bool(name, value):
+    # Not bool(value): a string such as "False" would silently mean True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise NonLocalArgumentError(name, value, "must be a bool; valid choices: True, False")
 
 
 def _check_choice(name, value, choices):

@@ -1,0 +1,351 @@
+"""NonLocalBlock2d against the literal reference in reference_nonlocal.py (full pairwise matrix)."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import nl_detectron.nonlocal_block as nonlocal_block
+from nl_detectron.nonlocal_block import (
+    NONLOCAL_MODES,
+    NONLOCAL_NORMS,
+    NonLocalArgumentError,
+    NonLocalBlock2d,
+)
+from reference_nonlocal import (
+    batch_norm_eval,
+    block_weights,
+    embeddings,
+    group_norm,
+    reference_nonlocal,
+    reference_pairwise,
+)
+
+SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
+
+
+def randomize_(block, generator):
+    """Random weights of reasonable magnitude everywhere, W_z included (it is zero at initialisation)."""
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+            elif name.startswith("w_z.norm"):  # the norm's scale
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+    return block
+
+
+def assert_close_rel(actual, expected, rel, scale=None):
+    """|actual - expected| <= rel * (|expected| + scale) element-wise; scale defaults to max |expected|."""
+    scale = expected.abs().max().item() if scale is None else scale
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
+def forward_backward(fn, x, grad_out):
+    x = x.detach().clone().requires_grad_(True)
+    z = fn(x)
+    z.backward(grad_out)
+    return z.detach(), x.grad
+
+
+@pytest.mark.parametrize("use_scale", [True, False])
+@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_matches_reference_float64(mode, sub_sample, use_scale):
+    gen = torch.Generator().manual_seed(0)
+    for height, width in ((5, 7), (6, 8)):  # odd sizes exercise the ceil-mode pooling
+        block = NonLocalBlock2d(16, mode=mode, sub_sample=sub_sample, use_scale=use_scale).double()
+        randomize_(block, gen)
+        weights = block_weights(block)
+        x = torch.randn(2, 16, height, width, generator=gen, dtype=torch.float64)
+        grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+        z, x_grad = forward_backward(block, x, grad_out)
+        z_ref, x_grad_ref = forward_backward(
+            lambda t: reference_nonlocal(t, weights, mode=mode, sub_sample=sub_sample, use_scale=use_scale),
+            x,
+            grad_out,
+        )
+        assert z.shape == x.shape
+        assert_close_rel(z, z_ref, 1e-6)
+        assert_close_rel(x_grad, x_grad_ref, 1e-6)
+        # Relative to the case's largest parameter gradient: in the softmax modes phi's bias has an exactly
+        # zero gradient (a query's logits all shift by theta_i . b_phi), so per-tensor relative is moot.
+        params = dict(block.named_parameters())
+        assert set(params) == {k for k, v in weights.items() if v is not None}
+        scale = max(w.grad.abs().max().item() for w in weights.values() if w is not None)
+        for name, p in params.items():
+            assert_close_rel(p.grad, weights[name].grad, 1e-6, scale=scale)
+
+
+@pytest.mark.parametrize("norm", ["BN", "GN"])
+def test_matches_reference_with_norm_float64(norm):
+    gen = torch.Generator().manual_seed(1)
+    block = NonLocalBlock2d(64, norm=norm).double()
+    randomize_(block, gen)
+    bn = block.w_z.norm
+    if norm == "BN":
+        bn.running_mean.copy_(torch.randn(64, generator=gen))
+        bn.running_var.copy_(torch.rand(64, generator=gen) + 0.5)
+    block.eval()
+    weights = block_weights(block)
+    assert weights["w_z.bias"] is None  # the norm's shift replaces the conv's bias
+    gamma = bn.weight.detach().clone().requires_grad_(True)
+    beta = bn.bias.detach().clone().requires_grad_(True)
+    if norm == "BN":
+        reference_norm = batch_norm_eval(gamma, beta, bn.running_mean, bn.running_var, bn.eps)
+    else:
+        reference_norm = group_norm(32, gamma, beta, bn.eps)
+    x = torch.randn(2, 64, 5, 6, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    z, x_grad = forward_backward(block, x, grad_out)
+    z_ref, x_grad_ref = forward_backward(
+        lambda t: reference_nonlocal(
+            t, weights, mode="embedded_gaussian", sub_sample=True, use_scale=True, norm=reference_norm
+        ),
+        x,
+        grad_out,
+    )
+    assert_close_rel(z, z_ref, 1e-6)
+    assert_close_rel(x_grad, x_grad_ref, 1e-6)
+    assert_close_rel(bn.weight.grad, gamma.grad, 1e-6)
+    assert_close_rel(bn.bias.grad, beta.grad, 1e-6)
+    assert_close_rel(block.w_z.weight.grad, weights["w_z.weight"].grad, 1e-6)
+
+
+# Without a process group, nn.SyncBatchNorm ("SyncBN", "nnSyncBN") falls back to BatchNorm in train and eval
+# mode, and detectron2's NaiveSyncBatchNorm ("naiveSyncBN") does so at world size 1, so every norm runs on CPU
+# here. (Under an initialised CPU/gloo process group nn.SyncBatchNorm refuses CPU tensors in train mode;
+# naiveSyncBN is the one that syncs on CPU.)
+@pytest.mark.parametrize("norm", NONLOCAL_NORMS)
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_identity_at_initialisation_then_learns(mode, norm):
+    torch.manual_seed(0)
+    block = NonLocalBlock2d(32, mode=mode, norm=norm)
+    x = torch.randn(2, 32, 6, 7)
+    for training in (False, True):
+        block.train(training)
+        assert torch.equal(block(x), x), f"not an identity in {'train' if training else 'eval'} mode"
+
+    # One SGD step: the gradient reaches W_z (its conv when there is no norm, the norm's zero scale
+    # otherwise), and the block stops being an identity.
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    z = block(x)
+    (z * torch.randn_like(z)).sum().backward()
+    zero_init = block.w_z.norm.weight if norm else block.w_z.weight
+    assert zero_init.grad is not None and zero_init.grad.abs().max() > 0
+    optimizer.step()
+    assert (block(x) - x).abs().max() > 1e-4
+    block.eval()
+    assert (block(x) - x).abs().max() > 1e-4
+
+
+def res4_case(mode, sub_sample):
+    """Sizes of ResNet res4 (stride 16) for a batch of two 800 x 1333 images, 1024 channels."""
+    if mode == "concatenation":
+        # The literal reference builds the (B, 2C', N, N') tensor of concatenated pairs: 36 GB at the res4
+        # size even with subsampling. Keep res4's 1024 channels on a smaller 20 x 34 map (1.9 GB in chunks).
+        return 2, 1024, 20, 34
+    return 2, 1024, 50, 84
+
+
+@pytest.mark.parametrize(
+    "mode,sub_sample",
+    [(m, True) for m in NONLOCAL_MODES] + [("embedded_gaussian", False)],
+)
+def test_float32_res4_sizes(mode, sub_sample):
+    gen = torch.Generator().manual_seed(2)
+    b, c, h, w = res4_case(mode, sub_sample)
+    block = randomize_(NonLocalBlock2d(c, mode=mode, sub_sample=sub_sample), gen)
+    x = torch.randn(b, c, h, w, generator=gen)
+    with torch.no_grad():
+        residual = block(x) - x
+        # Ground truth in float64 from the same float32 weights and input.
+        reference = reference_nonlocal(
+            x.double(), block_weights(block, torch.float64), mode=mode, sub_sample=sub_sample,
+            use_scale=True, query_chunk=64,
+        ) - x.double()
+    # float32 keeps 24 bits (6e-8 relative); sums over 1024 channels and up to 4200 keys grow the rounding
+    # error to ~1e-6 of the output's scale (measured: at most 1.5e-6). 1e-5 leaves margin but still
+    # catches any wrong key, scale or pooling (errors of order 1).
+    assert residual.dtype == torch.float32
+    assert_close_rel(residual.double(), reference, 1e-5)
+
+
+def large_magnitude_case(mode, dtype=torch.float32):
+    """
+    A block and input whose embedded dot products theta_i . phi_j (x_i . x_j for gaussian) exceed float16's
+    range although the attention is well-conditioned, as with ReLU features that share a large component:
+    half of x's channels hold the constant 64, which theta and phi map to 128 in half of their channels
+    (all exact in bfloat16/float16), so every dot product is 16 * 128^2 = 262144 (gaussian: 32 * 64^2 =
+    131072) plus a moderate term that varies with i and j.
+    """
+    gen = torch.Generator().manual_seed(3)
+    c, d = 64, 32
+    block = randomize_(NonLocalBlock2d(c, mode=mode), gen)
+    with torch.no_grad():
+        for embed in (block.theta, block.phi):
+            if embed is None:
+                continue
+            embed.bias.zero_()
+            weight = embed.weight.view(d, c)
+            weight[:, : c // 2] = 0
+            weight[: d // 2, c // 2 :] = 0
+            weight[: d // 2, : d // 2] = 2 * torch.eye(d // 2)  # channel k < 16 reads constant channel k
+    x = torch.randn(2, c, 6, 8, generator=gen)
+    x[:, : c // 2] = 64.0
+    return block.to(dtype), x.to(dtype)
+
+
+def max_embedded_dot_product(block, x):
+    weights = block_weights(block, torch.float64)
+    theta, phi, _ = embeddings(x.double(), weights, mode=block.mode, sub_sample=block.sub_sample)
+    return torch.einsum("bnd,bmd->bnm", theta, phi).abs().max().item()
+
+
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_autocast_bfloat16_large_dot_products(mode):
+    block, x = large_magnitude_case(mode)
+    assert max_embedded_dot_product(block, x) > 65504  # beyond float16's largest finite value
+    with torch.no_grad():
+        expected = block(x) - x
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = block(x)
+    assert z.dtype == torch.float32  # x + W_z(y): the residual add promotes
+    assert torch.isfinite(z).all()
+    # bfloat16 keeps 8 significant bits (rounding 2^-9 ~ 2e-3): autocast rounds x, the weights and each
+    # conv/attention output, a chain of a few roundings (measured: 3e-3 to 4.5e-3 of the residual's norm).
+    # 2e-2 leaves 4x margin and still fails on any overflow or wrong result.
+    error = torch.linalg.vector_norm(z - x - expected) / torch.linalg.vector_norm(expected)
+    assert error < 2e-2, f"relative error {error:.2e}"
+
+
+# dot_product is left out: its output theta_i . sum_j phi_j g_j / N' (~1e7 here) is itself beyond float16.
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian", "concatenation"])
+def test_float16_on_cpu_large_dot_products(mode):
+    block, x = large_magnitude_case(mode)
+    assert max_embedded_dot_product(block, x) > 65504
+    with torch.no_grad():
+        expected = block(x) - x
+        # The naive float16 product overflows; the block computes the attention in float32.
+        embedded = x.half() if mode == "gaussian" else block.theta.half()(x.half())
+        q = embedded.flatten(2).transpose(1, 2)
+        assert torch.isinf(q @ q.transpose(1, 2)).any()
+        block.half()
+        z = block(x.half())
+    assert z.dtype == torch.float16
+    assert torch.isfinite(z).all()
+    # float16 keeps 11 significant bits (rounding 2^-12 ~ 2.4e-4), 8x finer than bfloat16 (measured:
+    # 5e-4 to 6e-4 of the residual's norm); 3e-3 leaves 5x margin.
+    error = torch.linalg.vector_norm(z.float() - x - expected) / torch.linalg.vector_norm(expected)
+    assert error < 3e-3, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+def test_softmax_modes_run_the_fused_cpu_kernel(mode, sub_sample, dtype):
+    # Restricted to the flash kernel, SDPA raises instead of silently falling back to the math path (which
+    # materialises the N x N' matrix), e.g. for non-contiguous q/k/v or q/k and v of different widths.
+    block = NonLocalBlock2d(32, mode=mode, sub_sample=sub_sample).to(dtype)
+    x = torch.randn(2, 32, 6, 7, dtype=dtype, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        block(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_pairwise_weights(mode, sub_sample):
+    gen = torch.Generator().manual_seed(4)
+    block = randomize_(NonLocalBlock2d(16, mode=mode, sub_sample=sub_sample), gen).double()
+    x = torch.randn(2, 16, 5, 7, generator=gen, dtype=torch.float64)
+    weights, grid = block.pairwise_weights(x)
+    assert grid == ((3, 4) if sub_sample else (5, 7))
+    assert weights.shape == (2, 35, grid[0] * grid[1])
+    if mode in SOFTMAX_MODES:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 35, dtype=torch.float64))
+    reference = reference_pairwise(
+        x, block_weights(block), mode=mode, sub_sample=sub_sample, use_scale=True
+    )
+    assert_close_rel(weights, reference, 1e-6)
+
+
+def test_concatenation_query_chunks_do_not_change_results(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    block = randomize_(NonLocalBlock2d(16, mode="concatenation", sub_sample=False), gen).double()
+    x = torch.randn(2, 16, 6, 8, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def run():
+        block.zero_grad(set_to_none=True)
+        z, x_grad = forward_backward(block, x, grad_out)
+        return [z, x_grad] + [p.grad.clone() for p in block.parameters()]
+
+    whole = run()
+    calls = []
+    real_checkpoint = nonlocal_block.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(nonlocal_block, "checkpoint", counting_checkpoint)
+    # 48 queries x 48 keys x batch 2: 200 elements -> chunks of 2 queries; 1 element -> 1 query per chunk.
+    for elements, num_chunks in ((200, 24), (1, 48)):
+        block.concat_chunk_elements = elements
+        calls.clear()
+        chunked = run()
+        assert len(calls) == num_chunks  # recomputed per chunk in backward
+        for a, b in zip(chunked, whole):
+            assert_close_rel(a, b, 1e-12)
+    # And without grad, the chunks are not checkpointed at all.
+    calls.clear()
+    with torch.no_grad():
+        assert_close_rel(block(x), whole[0], 1e-12)
+    assert not calls
+
+
+BAD_ARGUMENTS = [
+    (dict(in_channels=64, mode="embeded_gaussian"), "mode", ["'embeded_gaussian'", "'embedded_gaussian'"]),
+    (dict(in_channels=64, norm="IN"), "norm", ["'IN'", "'BN'", "'GN'"]),
+    (dict(in_channels=64, norm="FrozenBN"), "norm", ["'FrozenBN'", "'BN'"]),
+    (dict(in_channels=48, norm="GN"), "norm", ["'GN'", "in_channels=48"]),
+    (dict(in_channels=64, reduction=3), "reduction", ["reduction=3", "in_channels=64"]),
+    (dict(in_channels=64, reduction=128), "reduction", ["reduction=128", "in_channels=64"]),
+    (dict(in_channels=64, reduction=0), "reduction", ["reduction=0", "positive"]),
+    (dict(in_channels=0), "in_channels", ["in_channels=0", "positive"]),
+    (dict(in_channels=-8), "in_channels", ["in_channels=-8", "positive"]),
+    (dict(in_channels=64.0), "in_channels", ["in_channels=64.0", "integer"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,argument,fragments", BAD_ARGUMENTS)
+def test_bad_arguments_are_named(kwargs, argument, fragments):
+    in_channels = kwargs.pop("in_channels")
+    with pytest.raises(NonLocalArgumentError) as info:
+        NonLocalBlock2d(in_channels, **kwargs)
+    assert info.value.argument == argument
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    "shape,fragments",
+    [((2, 64, 8), ["4-D", "(2, 64, 8)"]), ((2, 32, 4, 4), ["in_channels=64", "32 channels"])],
+)
+def test_bad_input_is_named(shape, fragments):
+    block = NonLocalBlock2d(64)
+    with pytest.raises(ValueError) as info:
+        block(torch.zeros(shape))
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    with pytest.raises(ValueError):
+        block.pairwise_weights(torch.zeros(shape))
