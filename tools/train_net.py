@@ -8,12 +8,12 @@ Train and evaluate Mask R-CNN with non-local ResNet backbones, with detectron2's
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 
 from nl_detectron import add_nonlocal_config
+from nl_detectron.checkpoint import SafeCheckpointer
 from nl_detectron.data import check_datasets
 from nl_detectron.engine import Trainer
 
@@ -36,7 +36,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
