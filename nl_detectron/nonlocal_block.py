@@ -77,8 +77,8 @@ class NonLocalBlock2d(nn.Module):
             raise NonLocalArgumentError(
                 "reduction", reduction,
                 f"must divide in_channels={in_channels} so that the inner channels "
-                f"in_channels // reduction are a positive integer (valid choices: the divisors of "
-                f"{in_channels})",
+                f"in_channels // reduction are a positive integer (here {in_channels / reduction:g}); "
+                f"valid choices: {', '.join(str(d) for d in range(1, in_channels + 1) if in_channels % d == 0)}",
             )
         inner = in_channels // reduction
         if norm == "GN" and in_channels % 32 != 0:
