@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""
+Show where a non-local block looks: for chosen query points of an image, the block's normalised pairwise
+weights f(x_i, x_j) / C(x) over all key positions j, overlaid on the image.
+
+    tools/visualize_attention.py --config-file configs/quick/mask_rcnn_nl_R18_shapes.yaml \
+        --weights output/quick_mask_rcnn_nl_R18_shapes/model_final.pth --point 60,80 --point 200,40
+
+Writes to --output: one PNG per query (the image, the map over it, the query marked with a white
+cross), ``summary.png`` (all queries on one sheet) and ``attention.npz`` (the raw maps, for analysis).
+The softmax modes' maps sum to 1 over the keys; dot_product's and concatenation's are f / N' and
+are shown with their own minimum to maximum.
+
+Nothing in the model records attention during normal inference: this tool registers a forward hook
+on the chosen block to catch its input, removes it after the one forward pass, and asks the block for
+its weights (NonLocalBlock2d.pairwise_weights).
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
+
+from nl_detectron import nonlocal_blocks
+from nl_detectron.config_files import build_model, load_config, inference_mapper
+from nl_detectron.data import ensure_shapes
+
+logger = logging.getLogger("nl_detectron.visualize_attention")
+
+DEFAULT_IMAGE_DATASET = "nl_shapes_val"
+OVERLAY_ALPHA = 0.55
+COLORMAP = "jet"
+
+
+def default_image() -> str:
+    """The first image of the built-in dataset's val split (generated if absent)."""
+    ensure_shapes(DEFAULT_IMAGE_DATASET)
+    image_root = MetadataCatalog.get(DEFAULT_IMAGE_DATASET).image_root
+    return os.path.join(image_root, sorted(os.listdir(image_root))[0])
+
+
+def grid_points(width: int, height: int, n: int) -> List[Tuple[int, int]]:
+    """An n x n grid of (x, y) pixel positions at the centres of n x n equal cells of the image."""
+    return [
+        (int((col + 0.5) * width / n), int((row + 0.5) * height / n))
+        for row in range(n)
+        for col in range(n)
+    ]
+
+
+def parse_point(text: str) -> Tuple[int, int]:
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--point: {text!r} is not 'x,y' with integer pixel coordinates")
+    return x, y
+
+
+@torch.no_grad()
+def attention_maps(model, block_name: str, model_input: dict, points: Sequence[Tuple[int, int]]):
+    """
+    Run ``model`` (in eval mode) on one input, catch the input of non-local block ``block_name``, and
+    return the block's pairwise weights for the feature cells under ``points``.
+
+    Args:
+        model_input: one detectron2 model input dict: "image" (C, h', w') resized by the test mapper,
+            "height"/"width" the original image size in which ``points`` are given (x, y).
+
+    Returns:
+        dict with "maps" (Q, Hk, Wk) float32, "cells" (Q, 2) the (row, col) query cell on the block's
+        H x W grid, "grid" (H, W), "stride" (input pixels per cell), "key_stride".
+    """
+    blocks = nonlocal_blocks(model)
+    if block_name not in blocks:
+        raise ValueError(
+            f"--block {block_name!r}: no such non-local block in this model; valid choices: "
+            f"{', '.join(blocks) or '(none: the config builds no non-local block)'}"
+        )
+    block = blocks[block_name]
+    height, width = model_input["height"], model_input["width"]
+    for x, y in points:
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(
+                f"--point: ({x}, {y}) is outside the {width} x {height} image; valid: 0 <= x < {width}, "
+                f"0 <= y < {height}"
+            )
+
+    captured = []
+    handle = block.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    try:
+        model([model_input])
+    finally:
+        handle.remove()  # nothing stays attached: normal inference records nothing
+    if len(captured) != 1 or captured[0].shape[0] != 1:
+        raise RuntimeError(f"expected one call of {block_name} on one image, got {len(captured)}")
+    x_in = captured[0]
+    weights, (hk, wk) = block.pairwise_weights(x_in)
+    grid_h, grid_w = x_in.shape[-2:]
+
+    # Padded input size, as the model's preprocessing makes it: cells are stride x stride pixels of it.
+    padded_h = model.preprocess_image([model_input]).tensor.shape[-2]
+    stride = padded_h / grid_h
+    image_h, image_w = model_input["image"].shape[-2:]
+    scale_y, scale_x = image_h / height, image_w / width
+    cells = np.array(
+        [
+            (min(int(y * scale_y // stride), grid_h - 1), min(int(x * scale_x // stride), grid_w - 1))
+            for x, y in points
+        ]
+    )
+    rows = torch.as_tensor(cells[:, 0] * grid_w + cells[:, 1], device=weights.device)
+    maps = weights[0, rows].reshape(len(points), hk, wk).float().cpu().numpy()
+    key_stride = stride * (2 if block.sub_sample else 1)
+    return dict(maps=maps, cells=cells, grid=(grid_h, grid_w), stride=stride, key_stride=key_stride)
+
+
+def map_to_image(attention: np.ndarray, key_stride: float, resized_hw, original_hw) -> np.ndarray:
+    """One (Hk, Wk) map, as (H, W) over the original image: each key covers key_stride^2 input pixels."""
+    hk, wk = attention.shape
+    t = torch.from_numpy(attention)[None, None]
+    t = F.interpolate(t, size=(round(hk * key_stride), round(wk * key_stride)), mode="nearest")
+    t = t[..., : resized_hw[0], : resized_hw[1]]  # drop the padding
+    t = F.interpolate(t, size=tuple(original_hw), mode="bilinear", align_corners=False)
+    return t[0, 0].numpy()
+
+
+def overlay(image_rgb: np.ndarray, attention: np.ndarray, point: Tuple[int, int]) -> Image.Image:
+    """The image with the map (own min to max, colour-mapped) blended over it and the query marked."""
+    from matplotlib import colormaps
+
+    lo, hi = float(attention.min()), float(attention.max())
+    normalised = (attention - lo) / (hi - lo) if hi > lo else np.zeros_like(attention)
+    heat = colormaps[COLORMAP](normalised)[..., :3] * 255
+    blended = (1 - OVERLAY_ALPHA) * image_rgb + OVERLAY_ALPHA * heat
+    result = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(result)
+    x, y = point
+    r = max(3, min(result.size) // 40)
+    for colour, width in (("black", 4), ("white", 2)):
+        draw.line([(x - r, y), (x + r, y)], fill=colour, width=width)
+        draw.line([(x, y - r), (x, y + r)], fill=colour, width=width)
+    return result
+
+
+def summary_sheet(image_rgb, overlays, maps, points, title, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(image_rgb.astype(np.uint8), "input")] + [
+        (np.asarray(o), f"query ({x}, {y}), weights {m.min():.2g}..{m.max():.2g}")
+        for o, m, (x, y) in zip(overlays, maps, points)
+    ]
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (picture, label) in zip(axes.flat, panels):
+        ax.imshow(picture)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, help="a .yaml or LazyConfig .py config")
+    parser.add_argument(
+        "--weights", default="", help="checkpoint to load (e.g. model_final.pth); default: none, random init"
+    )
+    parser.add_argument("--image", default="", help="image file; default: the first image of nl_shapes_val")
+    parser.add_argument("--block", default="", help="qualified name of the block; default: the first one")
+    parser.add_argument(
+        "--point", dest="points", action="append", type=parse_point, default=None, metavar="X,Y",
+        help="a query point in image pixels (repeat for more); default: an N x N grid (--grid)",
+    )
+    parser.add_argument("--grid", type=int, default=3, help="N of the default N x N grid of queries")
+    parser.add_argument("--output", default="output/attention", help="directory for the PNGs and attention.npz")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[],
+        help="config overrides: KEY VALUE pairs (YAML) or key=value (LazyConfig)",
+    )
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="nl_detectron")
+    if args.grid < 1:
+        raise ValueError(f"--grid {args.grid}: must be a positive integer")
+    cfg = load_config(args.config_file, args.opts)
+    model = build_model(cfg)
+    if args.weights:
+        DetectionCheckpointer(model).load(args.weights)
+    else:
+        logger.warning("No --weights: the model has random weights (and its blocks start as identities).")
+    model.eval()
+    blocks = nonlocal_blocks(model)
+    block_name = args.block or next(iter(blocks), "")
+
+    image_path = args.image or default_image()
+    image_rgb = read_image(image_path, format="RGB")
+    height, width = image_rgb.shape[:2]
+    points = args.points or grid_points(width, height, args.grid)
+    model_input = inference_mapper(cfg)({"file_name": image_path, "height": height, "width": width, "image_id": 0})
+
+    result = attention_maps(model, block_name, model_input, points)
+    resized_hw = model_input["image"].shape[-2:]
+    os.makedirs(args.output, exist_ok=True)
+    overlays, written = [], []
+    for k, (attention, point) in enumerate(zip(result["maps"], points)):
+        full = map_to_image(attention, result["key_stride"], resized_hw, (height, width))
+        picture = overlay(image_rgb.astype(np.float32), full, point)
+        path = os.path.join(args.output, f"query{k:02d}_x{point[0]}_y{point[1]}.png")
+        picture.save(path)
+        overlays.append(picture)
+        written.append(path)
+    block = blocks[block_name]
+    summary = os.path.join(args.output, "summary.png")
+    summary_sheet(
+        image_rgb, overlays, result["maps"], points,
+        f"{block_name} ({block.mode}) of {os.path.basename(args.config_file)}", summary,
+    )
+    np.savez(
+        os.path.join(args.output, "attention.npz"),
+        maps=result["maps"], points=np.array(points), cells=result["cells"], grid=np.array(result["grid"]),
+        stride=result["stride"], key_stride=result["key_stride"], block=block_name, mode=block.mode,
+        image=image_path,
+    )
+    logger.info(f"Wrote {len(written)} query maps, {summary} and attention.npz to {args.output}")
+    return dict(queries=written, summary=summary, npz=os.path.join(args.output, "attention.npz"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
