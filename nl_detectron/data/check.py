@@ -5,7 +5,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .shapes import SHAPES_SPLITS, ensure_shapes
 
-__all__ = ["check_datasets"]
+__all__ = ["check_datasets", "DatasetNotRegisteredError"]
+
+
+class DatasetNotRegisteredError(KeyError):
+    """A dataset name that detectron2's DatasetCatalog does not know."""
+
+    def __str__(self):  # KeyError would print the repr, escaping every quote of the message
+        return str(self.args[0])
+
 
 _HOW_TO = (
     "detectron2's built-in datasets live under $DETECTRON2_DATASETS (now {root!r}): set it to the folder "
@@ -22,14 +30,14 @@ def check_datasets(cfg) -> None:
     missing dataset stops the run before any model is built, not deep inside a data-loader worker.
 
     Raises:
-        KeyError: a dataset name that is not registered.
+        DatasetNotRegisteredError (a KeyError): a dataset name that is not registered.
         FileNotFoundError: a registered dataset whose annotation file or image folder is missing.
     """
     root = os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
     for key in ("TRAIN", "TEST"):
         for name in getattr(cfg.DATASETS, key):
             if name not in DatasetCatalog.list():
-                raise KeyError(
+                raise DatasetNotRegisteredError(
                     f"cfg.DATASETS.{key} names dataset {name!r}, which is not registered. Registered: "
                     f"{', '.join(sorted(DatasetCatalog.list()))}. " + _HOW_TO.format(root=root)
                 )
