@@ -5,6 +5,7 @@ from .backbone import (
     add_nonlocal_blocks,
     build_resnet_fpn_nl_backbone,
     build_resnet_nl_backbone,
+    build_retinanet_resnet_fpn_nl_backbone,
     nonlocal_blocks,
 )
 from . import data  # registers the built-in dataset  # noqa: F401

@@ -7,7 +7,7 @@ from torch import nn
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, ResNet
-from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
+from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from .config import nonlocal_block_kwargs
@@ -17,6 +17,7 @@ __all__ = [
     "add_nonlocal_blocks",
     "build_resnet_nl_backbone",
     "build_resnet_fpn_nl_backbone",
+    "build_retinanet_resnet_fpn_nl_backbone",
     "nonlocal_module_name",
 ]
 
@@ -162,6 +163,15 @@ def build_resnet_fpn_nl_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ``build_resnet_fpn_backbone``, with the non-local blocks of ``cfg.MODEL.NONLOCAL`` in its bottom-up ResNet."""
     _check_freeze_at(cfg)
     fpn = build_resnet_fpn_backbone(cfg, input_shape)
+    _add_nonlocal_blocks_from_cfg(cfg, fpn.bottom_up)
+    return fpn
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_resnet_fpn_nl_backbone(cfg, input_shape: ShapeSpec):
+    """detectron2's ``build_retinanet_resnet_fpn_backbone`` (P3-P7, for RetinaNet), with the non-local blocks of ``cfg.MODEL.NONLOCAL``."""
+    _check_freeze_at(cfg)
+    fpn = build_retinanet_resnet_fpn_backbone(cfg, input_shape)
     _add_nonlocal_blocks_from_cfg(cfg, fpn.bottom_up)
     return fpn
 
