@@ -12,7 +12,9 @@ from nl_detectron import NonLocalArgumentError, NonLocalBlock2d, add_nonlocal_bl
 from nl_detectron.data import check_datasets
 from nl_detectron.engine import Trainer
 
-from tiny_training import REPO, SUBPROCESS_TIMEOUT, TINY_CONFIG, train_net, train_net_args, train_net_command
+from tiny_training import (
+    REPO, SUBPROCESS_ENV, SUBPROCESS_TIMEOUT, TINY_CONFIG, train_net, train_net_args, train_net_command,
+)
 
 
 def tiny_model_cfg(*opts):
@@ -217,7 +219,7 @@ def test_missing_coco_fails_at_start_naming_the_path_and_detectron2_datasets(tmp
     """detectron2 reads $DETECTRON2_DATASETS when it is imported: run tools/train_net.py as a user would."""
     empty = tmp_path / "datasets"
     empty.mkdir()
-    env = dict(os.environ, DETECTRON2_DATASETS=str(empty))
+    env = dict(SUBPROCESS_ENV, DETECTRON2_DATASETS=str(empty))
     run = subprocess.run(
         train_net_command(tmp_path / "out", "DATASETS.TRAIN", "('coco_2017_train',)"),
         cwd=REPO, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,

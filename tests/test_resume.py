@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tiny_training import (
-    REPO, SUBPROCESS_TIMEOUT, TRAIN_NET, checkpoint_iteration, last_checkpoint, train_net_command,
+    REPO, SUBPROCESS_ENV, SUBPROCESS_TIMEOUT, TRAIN_NET, checkpoint_iteration, last_checkpoint, train_net_command,
 )
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def start(command, log, env=None):
+def start(command, log, env=SUBPROCESS_ENV):
     with open(log, "w") as f:
         return subprocess.Popen(command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
 
@@ -117,7 +117,7 @@ def resume_and_finish(output_dir, tmp_path, expected_start):
     log = tmp_path / "resume.log"
     with open(log, "w") as f:
         run = subprocess.run(
-            train_net_command(output_dir, *SCHEDULE, resume=True), cwd=REPO, stdout=f,
+            train_net_command(output_dir, *SCHEDULE, resume=True), cwd=REPO, env=SUBPROCESS_ENV, stdout=f,
             stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT,
         )
     assert run.returncode == 0, tail(log)
@@ -149,7 +149,7 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp
     out = tmp_path / "out"
     log = tmp_path / "train.log"
     marker = tmp_path / "paused"
-    env = dict(os.environ, NL_TEST_PAUSE_AT=pause_at, NL_TEST_PAUSE_MARKER=str(marker))
+    env = dict(SUBPROCESS_ENV, NL_TEST_PAUSE_AT=pause_at, NL_TEST_PAUSE_MARKER=str(marker))
     command = [sys.executable, "-c", PAUSING_TRAIN_NET, TRAIN_NET] + train_net_command(out, *SCHEDULE)[2:]
     process = start(command, log, env)
     wait_until(marker.exists, process, log, "the paused save")
