@@ -94,7 +94,7 @@ def test_lazyconfig_train_net_trains_evaluates_and_writes_detectron2_logs(tmp_pa
     assert os.path.isfile(tmp_path / "config.yaml") and os.path.isfile(tmp_path / "log.txt")
 
     # The checkpoint holds a trained non-local block: W_z left its zero initialisation.
-    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     assert torch.count_nonzero(state["backbone.bottom_up.res4.nonlocal5.w_z.weight"]) > 0
 
     # --eval-only evaluates that checkpoint: the same numbers as the end of training.

@@ -27,12 +27,12 @@ from fvcore.nn.jit_handles import generic_activation_jit
 from omegaconf import OmegaConf
 from tabulate import tabulate
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.utils.analysis import activation_count_operators, parameter_count, parameter_count_table
 from detectron2.utils.logger import setup_logger
 
 from nl_detectron import add_nonlocal_blocks, nonlocal_blocks
+from nl_detectron.checkpoint import SafeCheckpointer
 from nl_detectron.config_files import build_model, evaluation_dataset_names, inference_mapper, is_lazy, load_config
 from nl_detectron.data.shapes import SHAPES_SPLITS, ensure_shapes
 from nl_detectron.flop_count import flop_count_analysis
@@ -115,7 +115,7 @@ def model_inputs(cfg, dataset: str, num_inputs: int):
 def load_model(cfg, weights: str = ""):
     model = build_model(cfg)
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        SafeCheckpointer(model).load(weights)
     model.eval()
     return model
 

@@ -16,7 +16,6 @@ import logging
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import (
     AMPTrainer,
@@ -32,6 +31,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import nl_detectron  # noqa: F401  (registers the built-in dataset)
+from nl_detectron.checkpoint import SafeCheckpointer
 from nl_detectron.engine import has_compiled_ops
 
 logger = logging.getLogger("detectron2")
@@ -81,7 +81,7 @@ def do_train(args, cfg):
 
     model = ddp(model, cfg, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
-    checkpointer = DetectionCheckpointer(
+    checkpointer = SafeCheckpointer(
         model, cfg.train.output_dir, optimizer=optim, trainer=trainer
     )
     trainer.register_hooks(
@@ -116,7 +116,7 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = ddp(model, cfg)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 from nl_detectron import nonlocal_blocks
-from nl_detectron.config_files import build_model, load_config, inference_mapper
+from nl_detectron.checkpoint import SafeCheckpointer
+from nl_detectron.config_files import build_model, inference_mapper, load_config
 from nl_detectron.data import ensure_shapes
 
 logger = logging.getLogger("nl_detectron.visualize_attention")
@@ -205,7 +205,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config_file, args.opts)
     model = build_model(cfg)
     if args.weights:
-        DetectionCheckpointer(model).load(args.weights)
+        SafeCheckpointer(model).load(args.weights)
     else:
         logger.warning("No --weights: the model has random weights (and its blocks start as identities).")
     model.eval()

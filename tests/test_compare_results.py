@@ -1,0 +1,156 @@
+"""
+tools/compare_results.py on results written the way detectron2 writes them (metrics.json, log.txt), and on
+two real tools/train_net.py runs, which also leave TensorBoard events behind.
+"""
+import glob
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from detectron2.evaluation import print_csv_format
+from detectron2.utils.events import EventStorage, JSONWriter
+from detectron2.utils.logger import setup_logger
+
+from nl_detectron import add_nonlocal_config
+from nl_detectron.data import SHAPES_CLASSES
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load("compare_results")
+
+
+def _results(box, mask):
+    return {"bbox": dict(zip(METRICS, box)), "segm": dict(zip(METRICS, mask))}
+
+
+def _write_config(output_dir, config):
+    cfg = get_cfg()
+    add_nonlocal_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", config))
+    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+
+
+def _write_training_run(output_dir, config, evaluations):
+    """metrics.json as DefaultTrainer writes it: training scalars, and an evaluation's results per eval."""
+    os.makedirs(output_dir)
+    _write_config(output_dir, config)
+    writer = JSONWriter(os.path.join(output_dir, "metrics.json"))
+    with EventStorage(0) as storage:
+        for iteration, results in evaluations:
+            storage.iter = iteration
+            storage.put_scalar("total_loss", 1.0 / (iteration + 1))
+            flat = {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()}
+            storage.put_scalars(**flat, smoothing_hint=False)
+            writer.write()
+    writer.close()
+
+
+def _write_eval_only_run(output_dir, config, results):
+    """An --eval-only run leaves only log.txt, with detectron2's "copypaste" lines."""
+    os.makedirs(output_dir)
+    _write_config(output_dir, config)
+    logger = setup_logger(os.path.join(output_dir, "log.txt"), name="detectron2.evaluation.testing")
+    print_csv_format(results)
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def _parse(table):
+    lines = table.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_table5_layout_with_deltas_and_the_papers_numbers(tmp_path):
+    baseline, nonlocal_ = str(tmp_path / "mask_rcnn_R50"), str(tmp_path / "mask_rcnn_nl_R50")
+    # An early and the final evaluation: the final one counts.
+    _write_training_run(baseline, "mask_rcnn_R50.yaml", [
+        (999, _results([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])),
+        (1999, _results([37.84, 59.2, 40.95, 20, 40, 50], [34.5, 56.0, 36.51, 15, 37, 52])),
+    ])
+    _write_eval_only_run(nonlocal_, "mask_rcnn_nl_R50.yaml", _results([38.91, 60.8, 41.7, 21, 41, 51], [35.36, 57.74, 37.3, 16, 38, 53]))
+    out = tmp_path / "table5.md"
+    table = tool.main(["--pair", baseline, nonlocal_, "--output", str(out)])
+    assert out.read_text().strip() == table
+
+    rows = _parse(table)
+    assert list(rows[0]) == ["backbone", "model", "source", "AP box", "AP50 box", "AP75 box", "AP mask", "AP50 mask", "AP75 mask"]
+    values = lambda row: [row[k] for k in list(row)[3:]]  # noqa: E731
+    assert [(r["backbone"], r["model"], r["source"]) for r in rows] == [
+        ("R50", "baseline", "this run"), ("R50", "+1 NL", "this run"), ("R50", "delta", "this run"),
+        ("R50", "baseline", "paper"), ("R50", "+1 NL", "paper"), ("R50", "delta", "paper"),
+    ]
+    assert values(rows[0]) == ["37.8", "59.2", "41.0", "34.5", "56.0", "36.5"]
+    assert values(rows[1]) == ["38.9", "60.8", "41.7", "35.4", "57.7", "37.3"]
+    # Deltas of the unrounded results (38.91 - 37.84 = 1.07), as the paper's are of its numbers.
+    assert values(rows[2]) == ["+1.1", "+1.6", "+0.8", "+0.9", "+1.7", "+0.8"]
+    assert values(rows[3]) == ["38.0", "59.6", "41.0", "34.6", "56.4", "36.5"]
+    assert values(rows[4]) == ["39.0", "61.1", "41.9", "35.5", "58.0", "37.4"]
+    assert values(rows[5]) == ["+1.0", "+1.5", "+0.9", "+0.9", "+1.6", "+0.9"]
+
+
+def test_a_backbone_the_paper_does_not_have_and_a_run_without_results(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for d in (a, b):
+        _write_training_run(d, "mask_rcnn_R50.yaml", [(9, _results([10] * 6, [5] * 6))])
+    rows = _parse(tool.main(["--pair", a, b, "--backbones", "R18"]))
+    assert [r["source"] for r in rows] == ["this run"] * 3 + ["paper: no R18 row (it has R50, R101, X152)"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no COCO evaluation"):
+        tool.main(["--pair", a, str(empty)])
+
+
+def _register_two_val_images():
+    name = "nl_shapes_val_first2"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: DatasetCatalog.get("nl_shapes_val")[:2])
+        MetadataCatalog.get(name).set(thing_classes=list(SHAPES_CLASSES), evaluator_type="coco")
+    return name
+
+
+def test_reads_what_train_net_writes_and_train_net_writes_tensorboard_events(tmp_path):
+    train_net = _load("train_net")
+    val = _register_two_val_images()
+    dirs = {}
+    for name, backbone in (("baseline", "build_resnet_fpn_backbone"), ("nonlocal", "build_resnet_fpn_nl_backbone")):
+        dirs[name] = str(tmp_path / name)
+        args = default_argument_parser().parse_args([
+            "--config-file", os.path.join(REPO, "configs", "quick", "tiny_mask_rcnn_nl_R18.yaml"),
+            "OUTPUT_DIR", dirs[name], "MODEL.BACKBONE.NAME", backbone, "DATASETS.TEST", f"('{val}',)",
+            "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.BASE_LR", "0.0001",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        ])
+        torch.manual_seed(0)
+        train_net.main(args)
+
+        # TensorBoard events with the training losses and the final evaluation, next to metrics.json.
+        (events,) = glob.glob(os.path.join(dirs[name], "events.out.tfevents.*"))
+        scalars = EventAccumulator(events).Reload().Tags()["scalars"]
+        assert {"total_loss", "lr", "bbox/AP", "segm/AP"} <= set(scalars), scalars
+
+    rows = _parse(tool.main(["--pair", dirs["baseline"], dirs["nonlocal"]]))
+    assert [(r["backbone"], r["model"]) for r in rows[:3]] == [("R18", "baseline"), ("R18", "+1 NL"), ("R18", "delta")]
+    for row, d in zip(rows[:2], (dirs["baseline"], dirs["nonlocal"])):
+        with open(os.path.join(d, "metrics.json")) as f:
+            final = json.loads(f.read().splitlines()[-1])  # the evaluation after the last iteration
+        assert final["iteration"] == 2
+        assert row["AP box"] == f"{final['bbox/AP']:.1f}" and row["AP mask"] == f"{final['segm/AP']:.1f}"

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""
+Table 5 of the paper from your own runs: box and mask AP of baseline and non-local Mask R-CNN, the
+deltas, and the paper's numbers for the same backbone, as a Markdown table.
+
+    tools/compare_results.py --pair output/mask_rcnn_R50 output/mask_rcnn_nl_R50 \
+                             --pair output/mask_rcnn_R101 output/mask_rcnn_nl_R101
+
+Each directory is a run's OUTPUT_DIR (tools/train_net.py or tools/lazyconfig_train_net.py). Its COCOEvaluator
+results are read from metrics.json (the last evaluation during training), or, for --eval-only runs, from
+the "copypaste" lines detectron2 writes to log.txt. The backbone (R50, R101, X152, ...) is read from the
+run's config.yaml, or given with --backbones.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import Dict, List, Optional
+
+import yaml
+
+METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("segm", "AP"), ("segm", "AP50"), ("segm", "AP75")]
+HEADERS = ["backbone", "model", "source", "AP box", "AP50 box", "AP75 box", "AP mask", "AP50 mask", "AP75 mask"]
+# The paper's Table 5 (Mask R-CNN, COCO val2017): backbone -> (baseline, +1 NL), in METRICS order.
+PAPER_TABLE5 = {
+    "R50": ((38.0, 59.6, 41.0, 34.6, 56.4, 36.5), (39.0, 61.1, 41.9, 35.5, 58.0, 37.4)),
+    "R101": ((39.5, 61.4, 42.9, 36.0, 58.1, 38.3), (40.8, 63.1, 44.5, 37.1, 59.9, 39.2)),
+    "X152": ((44.1, 66.4, 48.4, 39.7, 63.2, 42.2), (45.0, 67.8, 48.9, 40.3, 64.4, 42.8)),
+}
+
+
+def read_results(output_dir: str) -> Dict[str, float]:
+    """{"bbox/AP": ..., "segm/AP75": ...} of the run's last COCO evaluation, in percent."""
+    if not os.path.isdir(output_dir):
+        raise FileNotFoundError(f"output directory {output_dir!r} does not exist")
+    metrics_path = os.path.join(output_dir, "metrics.json")
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            evaluations = [r for r in map(json.loads, filter(str.strip, f)) if "bbox/AP" in r]
+        if evaluations:
+            return {k: v for k, v in evaluations[-1].items() if "/" in k}
+    log_path = os.path.join(output_dir, "log.txt")
+    results = _read_copypaste(log_path) if os.path.isfile(log_path) else {}
+    if "bbox/AP" in results:
+        return results
+    raise FileNotFoundError(
+        f"{output_dir!r} holds no COCO evaluation: neither metrics.json nor log.txt has a bbox AP "
+        f"(evaluate the run with TEST.EVAL_PERIOD, at the end of training, or with --eval-only)"
+    )
+
+
+def _read_copypaste(log_path: str) -> Dict[str, float]:
+    """The last results of each task that detectron2's print_csv_format logged ("copypaste: ...")."""
+    lines = [m.group(1) for m in re.finditer(r"copypaste: (.*)", open(log_path).read())]
+    results = {}
+    for i, line in enumerate(lines[:-2]):
+        task = re.fullmatch(r"Task: (\S+)", line)
+        if task:
+            names, values = lines[i + 1].split(","), lines[i + 2].split(",")
+            results.update({f"{task.group(1)}/{n}": float(v) for n, v in zip(names, values)})
+    return results
+
+
+class _ConfigDumpLoader(yaml.SafeLoader):
+    """Safe YAML loading that reads LazyConfig dumps' python/object tags (e.g. ShapeSpec) as None."""
+
+
+_ConfigDumpLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
+
+
+def backbone_of(output_dir: str) -> Optional[str]:
+    """"R50", "X152", ... from the run's config.yaml (a YAML or LazyConfig dump), or None if it cannot tell."""
+    path = os.path.join(output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        cfg = yaml.load(f, Loader=_ConfigDumpLoader) or {}
+    if "MODEL" in cfg:
+        resnet = cfg["MODEL"].get("RESNETS") or {}
+        depth, groups = resnet.get("DEPTH"), resnet.get("NUM_GROUPS", 1)
+    else:  # LazyConfig: the ResNet's L(ResNet.make_default_stages)(depth=..., num_groups=...)
+        stages = _find_node(cfg.get("model"), lambda n: str(n.get("_target_", "")).endswith("make_default_stages"))
+        depth, groups = (stages or {}).get("depth"), (stages or {}).get("num_groups", 1)
+    if not isinstance(depth, int):
+        return None
+    return f"{'X' if groups > 1 else 'R'}{depth}"
+
+
+def _find_node(node, predicate):
+    if isinstance(node, dict):
+        if predicate(node):
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            found = _find_node(child, predicate)
+            if found is not None:
+                return found
+    return None
+
+
+def _row(values) -> List[str]:
+    return [f"{v:.1f}" if v is not None and not math.isnan(v) else "—" for v in values]
+
+
+def _delta(a, b) -> List[str]:
+    return [f"{y - x:+.1f}" if not (math.isnan(x) or math.isnan(y)) else "—" for x, y in zip(a, b)]
+
+
+def table5(pairs, backbones=None) -> str:
+    """Markdown: per pair, your baseline, +1 NL and delta rows, then the paper's for that backbone."""
+    if backbones and len(backbones) != len(pairs):
+        raise ValueError(f"--backbones: {len(backbones)} names for {len(pairs)} --pair s; give one per pair")
+    rows = [HEADERS, ["---"] * 2 + [":---"] + ["---:"] * 6]
+    for i, (baseline_dir, nonlocal_dir) in enumerate(pairs):
+        ours = []
+        for d in (baseline_dir, nonlocal_dir):
+            results = read_results(d)
+            ours.append([results.get(f"{task}/{metric}", float("nan")) for task, metric in METRICS])
+        backbone = backbones[i] if backbones else (backbone_of(nonlocal_dir) or backbone_of(baseline_dir) or "?")
+        rows += [
+            [backbone, "baseline", "this run"] + _row(ours[0]),
+            [backbone, "+1 NL", "this run"] + _row(ours[1]),
+            [backbone, "delta", "this run"] + _delta(*ours),
+        ]
+        if backbone in PAPER_TABLE5:
+            paper = PAPER_TABLE5[backbone]
+            rows += [
+                [backbone, "baseline", "paper"] + _row(paper[0]),
+                [backbone, "+1 NL", "paper"] + _row(paper[1]),
+                [backbone, "delta", "paper"] + _delta(*paper),
+            ]
+        else:
+            rows.append([backbone, "—", f"paper: no {backbone} row (it has {', '.join(PAPER_TABLE5)})"] + ["—"] * 6)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--pair", nargs=2, action="append", required=True, metavar=("BASELINE_DIR", "NONLOCAL_DIR"),
+        help="output directories of a baseline run and its non-local run (repeat for more backbones)",
+    )
+    parser.add_argument("--backbones", nargs="+", help="backbone names, one per --pair (default: from config.yaml)")
+    parser.add_argument("--output", default="", help="also write the table to this Markdown file")
+    return parser
+
+
+def main(argv=None) -> str:
+    args = get_parser().parse_args(argv)
+    table = table5(args.pair, args.backbones)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
