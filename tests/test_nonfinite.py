@@ -12,7 +12,7 @@ from detectron2.engine import HookBase
 from nl_detectron import nonlocal_blocks
 from nl_detectron.engine import Trainer
 
-from tiny_training import last_checkpoint, tiny_cfg
+from tiny_training import last_checkpoint, one_thread, tiny_cfg  # noqa: F401 (one_thread: autouse fixture)
 
 LOSS_TERMS = ["loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"]
 BAD_ITERATION = 3  # a checkpoint is written after iteration 1 before it (CHECKPOINT_PERIOD 2)
@@ -106,3 +106,4 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_pa
     assert resumed.start_iter == 2
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, checkpoint["model"][name]), name
+

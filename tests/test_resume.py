@@ -110,6 +110,7 @@ def assert_consistent(output_dir):
     assert final or os.path.basename(named) == f"model_{iteration:07d}.pth"
     for path in glob.glob(os.path.join(output_dir, "*.pth")):
         checkpoint_iteration(path)
+        torch.load(path)  # torch's own defaults (weights_only since torch 2.6) read them too
     return iteration
 
 

@@ -11,7 +11,7 @@ from detectron2.engine import hooks
 from nl_detectron.checkpoint import SafeCheckpointer, UnsafeCheckpointError, atomic_write
 from nl_detectron.engine import Trainer
 
-from tiny_training import tiny_cfg, train_net, train_net_args
+from tiny_training import one_thread, tiny_cfg, train_net, train_net_args  # noqa: F401 (autouse fixture)
 
 
 class Payload:

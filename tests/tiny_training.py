@@ -4,6 +4,7 @@ import importlib.util
 import os
 import sys
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +16,15 @@ SUBPROCESS_TIMEOUT = 600
 # threads spinning against other processes made the runs three times slower (measured: 15.5 s of CPU
 # for 5 iterations with the default 2 threads, 4.5 s with 1).
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Autouse where imported: in-process training uses one thread, as SUBPROCESS_ENV does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache()
