@@ -130,27 +130,27 @@ def _register_two_val_images():
 def test_reads_what_train_net_writes_and_train_net_writes_tensorboard_events(tmp_path):
     train_net = _load("train_net")
     val = _register_two_val_images()
-    dirs = {}
-    for name, backbone in (("baseline", "build_resnet_fpn_backbone"), ("nonlocal", "build_resnet_fpn_nl_backbone")):
-        dirs[name] = str(tmp_path / name)
-        args = default_argument_parser().parse_args([
-            "--config-file", os.path.join(REPO, "configs", "quick", "tiny_mask_rcnn_nl_R18.yaml"),
-            "OUTPUT_DIR", dirs[name], "MODEL.BACKBONE.NAME", backbone, "DATASETS.TEST", f"('{val}',)",
-            "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.BASE_LR", "0.0001",
-            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        ])
-        torch.manual_seed(0)
-        train_net.main(args)
+    run = str(tmp_path / "nonlocal")
+    args = default_argument_parser().parse_args([
+        "--config-file", os.path.join(REPO, "configs", "quick", "tiny_mask_rcnn_nl_R18.yaml"),
+        "OUTPUT_DIR", run, "DATASETS.TEST", f"('{val}',)",
+        "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.BASE_LR", "0.0001",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    ])
+    torch.manual_seed(0)
+    train_net.main(args)
 
-        # TensorBoard events with the training losses and the final evaluation, next to metrics.json.
-        (events,) = glob.glob(os.path.join(dirs[name], "events.out.tfevents.*"))
-        scalars = EventAccumulator(events).Reload().Tags()["scalars"]
-        assert {"total_loss", "lr", "bbox/AP", "segm/AP"} <= set(scalars), scalars
+    # TensorBoard events with the training losses and the final evaluation, next to metrics.json.
+    (events,) = glob.glob(os.path.join(run, "events.out.tfevents.*"))
+    scalars = EventAccumulator(events).Reload().Tags()["scalars"]
+    assert {"total_loss", "lr", "bbox/AP", "segm/AP"} <= set(scalars), scalars
+    with open(os.path.join(run, "metrics.json")) as f:
+        final = json.loads(f.read().splitlines()[-1])  # the evaluation after the last iteration
+    assert final["iteration"] == 2
 
-    rows = _parse(tool.main(["--pair", dirs["baseline"], dirs["nonlocal"]]))
+    baseline = str(tmp_path / "baseline")
+    _write_training_run(baseline, "quick/tiny_mask_rcnn_nl_R18.yaml", [(1, _results([0.5] * 6, [0.25] * 6))])
+    rows = _parse(tool.main(["--pair", baseline, run]))
     assert [(r["backbone"], r["model"]) for r in rows[:3]] == [("R18", "baseline"), ("R18", "+1 NL"), ("R18", "delta")]
-    for row, d in zip(rows[:2], (dirs["baseline"], dirs["nonlocal"])):
-        with open(os.path.join(d, "metrics.json")) as f:
-            final = json.loads(f.read().splitlines()[-1])  # the evaluation after the last iteration
-        assert final["iteration"] == 2
-        assert row["AP box"] == f"{final['bbox/AP']:.1f}" and row["AP mask"] == f"{final['segm/AP']:.1f}"
+    assert rows[1]["AP box"] == f"{final['bbox/AP']:.1f}" and rows[1]["AP mask"] == f"{final['segm/AP']:.1f}"
+    assert rows[2]["AP box"] == f"{final['bbox/AP'] - 0.5:+.1f}"
