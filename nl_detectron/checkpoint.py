@@ -141,7 +141,9 @@ class _AtomicWritePathManager:
         self._base = base
 
     def open(self, path, mode="r", **kwargs):
-        if "w" in mode:  # fvcore's Checkpointer writes only as ``with path_manager.open(...) as f``
+        # fvcore's Checkpointer writes only as ``with path_manager.open(...) as f``; remote URIs
+        # (``scheme://...``) are left to their own path handlers.
+        if "w" in mode and "://" not in path:
             return atomic_write(path, mode)
         return self._base.open(path, mode, **kwargs)
 

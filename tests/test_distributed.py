@@ -80,7 +80,8 @@ def test_two_cpu_processes_train_in_sync(tmp_path):
     with open(log, "w") as f:
         run = subprocess.run(
             train_net_command(
-                out, "SOLVER.MAX_ITER", ITERATIONS, "DATASETS.TEST", "('nl_shapes_val',)", num_gpus=2
+                out, "SOLVER.MAX_ITER", ITERATIONS, "DATASETS.TEST", "('nl_shapes_val',)",
+                "TEST.DETECTIONS_PER_IMAGE", 10, num_gpus=2,
             ),
             cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT,
         )
