@@ -33,7 +33,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 # numpy arrays, scalars and dtypes, under numpy 1's and numpy 2's module names.
 PKL_ALLOWED_GLOBALS = frozenset(
     [("collections", "OrderedDict")]
-    + [("builtins", name) for name in ("set", "frozenset", "bytearray", "complex", "slice")]
+    + [("builtins", name) for name in ("set", "frozenset", "bytearray", "complex")]
     # Python 3 pickles bytes for protocols < 3 as _codecs.encode(str, "latin1").
     + [("_codecs", "encode")]
     + [("numpy", "ndarray"), ("numpy", "dtype")]

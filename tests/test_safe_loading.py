@@ -1,6 +1,8 @@
 """Loading a checkpoint never runs code from it; genuine .pth and detectron2-format .pkl files still load."""
+import io
 import os
 import pickle
+from collections import Counter, OrderedDict
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from detectron2.engine import hooks
 
-from nl_detectron.checkpoint import SafeCheckpointer, UnsafeCheckpointError, atomic_write
+from nl_detectron.checkpoint import SafeCheckpointer, UnsafeCheckpointError, atomic_write, load_pkl
 from nl_detectron.engine import Trainer
 
 from tiny_training import one_thread, tiny_cfg, train_net, train_net_args  # noqa: F401 (autouse fixture)
@@ -189,3 +191,22 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         f.write("model_0000009.pth")
     assert target.read_text() == "model_0000009.pth"
     assert os.listdir(tmp_path) == ["last_checkpoint"]
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_restricted_unpickler_reads_what_weight_files_hold(protocol):
+    """Containers, numpy arrays, scalars and dtypes; protocol 2 names builtins as Python 2's __builtin__."""
+    data = {
+        "model": OrderedDict(w=np.arange(6, dtype=np.float32).reshape(2, 3), n=np.int64(3)),
+        "tags": {"a", "b"}, "shape": (2, 3), "raw": b"\x00\xff", "lr": 0.02,
+    }
+    loaded = load_pkl(io.BytesIO(pickle.dumps(data, protocol)))
+    assert loaded.keys() == data.keys() and loaded["tags"] == data["tags"] and loaded["raw"] == data["raw"]
+    assert np.array_equal(loaded["model"]["w"], data["model"]["w"]) and loaded["model"]["w"].dtype == np.float32
+    assert loaded["model"]["n"] == 3 and isinstance(loaded["model"]["n"], np.int64)
+
+
+def test_restricted_unpickler_refuses_other_classes():
+    """Even an innocuous class is refused: nothing outside the allow-list is imported or called."""
+    with pytest.raises(UnsafeCheckpointError, match=r"w.pkl: refusing to load collections.Counter"):
+        load_pkl(io.BytesIO(pickle.dumps({"w": Counter("ab")})), filename="w.pkl")
