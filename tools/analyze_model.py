@@ -199,7 +199,11 @@ def get_parser():
     parser.add_argument("-n", "--num-inputs", type=int, default=10, help="images for flops/activations")
     parser.add_argument("--dataset", default="", help="images for flops/activations; default: the config's test set")
     parser.add_argument("--weights", default="", help="checkpoint to load; default: none, random init")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[],
+        help="config overrides, last: KEY VALUE pairs (YAML) or key=value (LazyConfig); right after --tasks, "
+        "separate them with --",
+    )
     return parser
 
 
@@ -211,9 +215,10 @@ def main(argv=None) -> dict:
         raise ValueError(f"nothing to do: give --tasks (valid choices: {', '.join(TASKS)}) and/or --compare")
     if args.num_inputs < 1:
         raise ValueError(f"--num-inputs {args.num_inputs}: must be a positive integer")
-    cfg = load_config(args.config_file, args.opts)
+    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
+    cfg = load_config(args.config_file, opts)
     if args.compare:  # before any work: a config without non-local blocks fails now
-        baseline_cfg = load_config(args.baseline_config, args.opts) if args.baseline_config else baseline_config(cfg)
+        baseline_cfg = load_config(args.baseline_config, opts) if args.baseline_config else baseline_config(cfg)
     results = {}
     needs_inputs = args.compare or {"flop", "activation"} & set(args.tasks)
     inputs = None
