@@ -13,6 +13,7 @@ the CPU, DDP over CPU processes (gloo) gets ``device_ids=None``, and COCOEvaluat
 It writes what tools/train_net.py writes: checkpoints, metrics.json, TensorBoard events, log.txt.
 """
 import logging
+import os
 
 import torch
 
@@ -48,7 +49,7 @@ def setup(args):
         if "use_fast_impl" not in evaluator and not has_compiled_ops():
             evaluator.use_fast_impl = False
         if "output_dir" not in evaluator:
-            evaluator.output_dir = cfg.train.output_dir + "/inference"
+            evaluator.output_dir = os.path.join(cfg.train.output_dir, "inference")
     default_setup(cfg, args)
     return cfg
 
