@@ -8,34 +8,37 @@ FLOPs and +5% inference time).
 
     python benchmarks/model_overhead.py                 # ~5 min on 2 CPU cores
     python benchmarks/model_overhead.py --repeats 5 --json overhead.json
-    python benchmarks/model_overhead.py --no-memory --no-train
+    python benchmarks/model_overhead.py --no-train --size 400 667
 
 How it measures:
-* Weights: random initialisation of the baseline (no download; frozen-BN statistics set from the
-  activations of a synthetic image, so scores do not saturate), loaded into the non-local model, whose
-  block starts as the identity, so both models compute the same detections and run the same heads.
-  The test score threshold is 0, so both run the box and mask heads on the full 100 detections per image
-  that a trained COCO model typically returns; the ROI heads' cost therefore does not depend on how
-  confident random weights happen to be. Everything else is the configs' (1000 proposals per image, ...).
+* Weights: random initialisation of the baseline (no download), with every frozen-BN's statistics set
+  from its input on a synthetic image, so that activations keep their scale through the depth as in a
+  trained model (with detectron2's identity statistics they grow until every score saturates). These
+  are saved and loaded into the non-local model, whose block starts as the identity: both models compute
+  the same detections and run the same heads. The configs are used as they are (1000 proposals, score
+  threshold 0.05, at most 100 detections); at 800 x 1333 the synthetic image gets the full 100
+  detections (printed), so the mask head runs on a full set of detections, not on a handful.
 * FLOPs: nl_detectron.flop_count.flop_count_analysis (detectron2's fvcore analysis, plus a handle for the
   fused attention op, which fvcore alone counts as zero) of one eval-mode forward. One multiply-add = 1.
 * Time: wall clock of an eval forward under no_grad (inference), and of a training step as detectron2's
   SimpleTrainer runs it (forward with losses, backward, SGD step of detectron2's build_optimizer, at
-  learning rate 0 so that the weights stay the loaded ones), with the same sampling seeds for both models. `warmup` runs then `repeats` timed runs per model,
-  alternating which model goes first to cancel drift; the median is reported.
-* Memory: each (model, inference/training) runs in a fresh subprocess, so neither inherits the other's
-  allocator state. It builds the model, runs one small step (loads kernels, creates the optimizer state),
-  records its resident set size (VmRSS), resets the peak-RSS counter (writes 5 to /proc/self/clear_refs),
-  runs one full-size step and reports VmHWM - VmRSS: what the step added at its peak (activations, and in
-  training the gradients). glibc serves allocations >= 128 KiB by mmap (MALLOC_MMAP_THRESHOLD_), so freed
-  tensors go back to the OS and the RSS follows live memory. On CUDA: torch.cuda.max_memory_allocated.
+  learning rate 0 so that the weights stay the loaded ones), with the same sampling seeds for both
+  models. `warmup` runs then `repeats` timed runs per model, alternating which model goes first to
+  cancel drift; the median is reported. The block's own share is timed by hooks inside those runs.
+* Memory: measured in the same timed runs: the resident set size (VmRSS) before the call, the kernel's
+  peak-RSS counter reset (writing 5 to /proc/self/clear_refs), then VmHWM - VmRSS after it: what the call
+  added at its peak (activations; in training also the gradients), whatever else the process holds.
+  glibc is told (mallopt) to serve allocations >= 128 KiB by mmap and to trim eagerly, so freed tensors
+  go back to the OS at once and the RSS follows live memory rather than the allocator's retained heap;
+  that is what lets both models share one process (instead of a fresh process per model, which would
+  double the run time). On CUDA: torch.cuda.max_memory_allocated over memory_allocated before the call.
 """
 import argparse
+import ctypes
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +68,6 @@ def model_cfg(name, device):
     cfg.merge_from_file(os.path.join(ROOT, CONFIGS[name]))
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # the full 100 detections (see the module docstring)
     # The optimizer does its full arithmetic (momentum, weight decay) but leaves the weights as loaded:
     # random weights diverge within a few real steps, and every timed step should see the same model.
     cfg.SOLVER.BASE_LR = 0.0
@@ -147,47 +149,73 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device):
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
+class StepMeter:
+    """Wall time and peak memory of one call (see "Memory" in the module docstring)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        if not self.cuda:
+            # glibc: serve allocations >= 128 KiB by mmap and trim the heap eagerly, so that freed
+            # tensors go back to the OS and the RSS follows the live memory.
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (also turns off its dynamic adjustment)
+            libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+
+    def __call__(self, fn):
+        """(seconds, MB the call added at its peak over the memory in use before it)."""
+        synchronize(self.device)
+        if self.cuda:
+            idle = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            idle = _status_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        start = time.perf_counter()
+        fn()
+        synchronize(self.device)
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() if self.cuda else _status_kib("VmHWM") * 1024
+        return seconds, (peak - idle) / 2**20
 
 
-def alternate_timings(models, run, warmup, repeats, device):
-    """{name: [seconds]} of ``run(name, i)`` for i in range(warmup + repeats), alternating the order."""
-    times = {name: [] for name in models}
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def alternate_runs(names, run, warmup, repeats, meter):
+    """{name: ([seconds], [peak MB])} of ``run(name, i)`` for i < warmup + repeats, warm-up runs dropped,
+    alternating which model goes first."""
+    results = {name: ([], []) for name in names}
     for i in range(warmup + repeats):
-        for name in models if i % 2 == 0 else models[::-1]:
-            t = timed(lambda: run(name, i), device)
+        for name in names if i % 2 == 0 else names[::-1]:
+            seconds, peak_mb = meter(lambda: run(name, i))
             if i >= warmup:
-                times[name].append(t)
-    return times
+                results[name][0].append(seconds)
+                results[name][1].append(peak_mb)
+    return results
 
 
-def nonlocal_diagnostics(model, batch, device):
-    """The block's input shape in the real model, its share of inference time, and the attention kernel."""
-    block = nonlocal_blocks(model)[NL_BLOCK]
-    seen = {}
+class BlockTimer:
+    """Forward hooks timing the non-local block inside the model's own runs, and recording its input shape."""
 
-    def before(module, args):
-        synchronize(device)
-        seen["shape"], seen["start"] = tuple(args[0].shape), time.perf_counter()
+    def __init__(self, block, device):
+        self.device, self.times, self.input_shape = device, [], None
+        block.register_forward_pre_hook(self.before)
+        block.register_forward_hook(self.after)
 
-    def after(module, args, out):
-        synchronize(device)
-        seen["time_s"] = time.perf_counter() - seen["start"]
+    def before(self, module, args):
+        synchronize(self.device)
+        self.input_shape, self.start = tuple(args[0].shape), time.perf_counter()
 
-    hooks = [block.register_forward_pre_hook(before), block.register_forward_hook(after)]
-    inference(model, batch)  # warm
-    total = timed(lambda: inference(model, batch), device)
-    for h in hooks:
-        h.remove()
-    return {
-        "input_shape": seen["shape"], "block_time_s": seen["time_s"], "model_time_s": total,
-        "block_time_share": seen["time_s"] / total, "attention_kernel": attention_kernel(block, seen["shape"], device),
-    }
+    def after(self, module, args, out):
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - self.start)
 
 
 def attention_kernel(block, shape, device):
@@ -219,45 +247,6 @@ def count_flops(model, batch):
     }
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def memory_worker(name, mode, args, weights_path):
-    """One peak-memory measurement in this (fresh) process: prints a JSON line."""
-    model, optimizer = build(name, args.device, weights_path)
-    run = (lambda b: inference(model, b)) if mode == "inference" else (lambda b: train_step(model, optimizer, b, 0))
-    run(make_batch(args.batch, 256, 320, args.device))  # load kernels, create the optimizer state
-    batch = make_batch(args.batch, args.height, args.width, args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        idle = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run(batch)
-        peak_mb = (torch.cuda.max_memory_allocated() - idle) / 2**20
-    else:
-        idle_kib = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        run(batch)
-        peak_mb = (_status_kib("VmHWM") - idle_kib) / 1024
-    print(json.dumps({"model": name, "mode": mode, "peak_mb": peak_mb}))
-
-
-def measure_memory(name, mode, args, weights_path):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, mode, weights_path,
-           "--device", args.device, "--batch", str(args.batch), "--size", str(args.height), str(args.width)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-
-
 def machine(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
@@ -281,10 +270,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="images per forward / training step (default 1)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-train", action="store_true", help="skip the training-step timing and memory")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-train", action="store_true", help="skip the training steps")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "MODE", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.height, args.width = args.size
     for key in ("repeats", "batch"):
@@ -292,11 +279,8 @@ def main():
             parser.error(f"--{key}={getattr(args, key)}: must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup={args.warmup}: must be >= 0")
-    if args.memory_worker:
-        name, mode, weights_path = args.memory_worker
-        return memory_worker(name, mode, args, weights_path)
 
-    modes = ["inference"] + ([] if args.no_train else ["training"])
+    meter = StepMeter(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         weights_path = os.path.join(tmp, "baseline.pth")
         torch.manual_seed(0)
@@ -305,41 +289,40 @@ def main():
         torch.save(baseline.state_dict(), weights_path)
         del baseline
         models = {name: build(name, args.device, weights_path) for name in MODELS}
-        batch = make_batch(args.batch, args.height, args.width, args.device)
-        results = {name: {} for name in MODELS}
+    batch = make_batch(args.batch, args.height, args.width, args.device)
+    results = {name: {} for name in MODELS}
 
-        log("counting FLOPs ...")
-        for name, (model, _) in models.items():
-            results[name]["flops"] = count_flops(model, batch)
-            results[name]["params"] = sum(p.numel() for p in model.parameters())
-        outputs = {name: inference(model, batch) for name, (model, _) in models.items()}
-        detections = [len(o["instances"]) for o in outputs["baseline"]]
-        assert all(
-            torch.equal(a["instances"].scores, b["instances"].scores)
-            for a, b in zip(outputs["baseline"], outputs["nonlocal"])
-        ), "the non-local model at init must give the baseline's detections"
+    log("counting FLOPs ...")
+    for name, (model, _) in models.items():
+        results[name]["flops"] = count_flops(model, batch)
+        results[name]["params"] = sum(p.numel() for p in model.parameters())
+    outputs = {name: inference(model, batch) for name, (model, _) in models.items()}
+    detections = [len(o["instances"]) for o in outputs["baseline"]]
+    assert all(
+        torch.equal(a["instances"].scores, b["instances"].scores)
+        for a, b in zip(outputs["baseline"], outputs["nonlocal"])
+    ), "the non-local model at init must give the baseline's detections"
+    del outputs
 
-        log("timing inference ...")
-        times = alternate_timings(
-            MODELS, lambda name, i: inference(models[name][0], batch), args.warmup, args.repeats, args.device
-        )
-        for name in MODELS:
-            results[name]["inference_s"] = times[name]
-        if not args.no_train:
+    block = nonlocal_blocks(models["nonlocal"][0])[NL_BLOCK]
+    block_timer = BlockTimer(block, args.device)
+    log("timing inference ...")
+    runs = {"inference": lambda name, i: inference(models[name][0], batch)}
+    if not args.no_train:
+        runs["train_step"] = lambda name, i: train_step(*models[name], batch, seed=i)
+    for key, run in runs.items():
+        if key == "train_step":
             log("timing training steps ...")
-            times = alternate_timings(
-                MODELS, lambda name, i: train_step(*models[name], batch, seed=i), args.warmup, args.repeats,
-                args.device,
-            )
-            for name in MODELS:
-                results[name]["train_step_s"] = times[name]
-        diagnostics = nonlocal_diagnostics(models["nonlocal"][0], batch, args.device)
-        del models, outputs
-        if not args.no_memory:
-            for mode in modes:
-                for name in MODELS:
-                    log(f"peak memory: {name} {mode} (fresh process) ...")
-                    results[name][f"{mode}_peak_mb"] = measure_memory(name, mode, args, weights_path)
+        measured = alternate_runs(MODELS, run, args.warmup, args.repeats, meter)
+        for name in MODELS:
+            results[name][f"{key}_s"], results[name][f"{key}_peak_mb"] = measured[name]
+    block_inference_s = block_timer.times[args.warmup: args.warmup + args.repeats]  # the inference runs came first
+    diagnostics = {
+        "input_shape": block_timer.input_shape,
+        "inference_s": block_inference_s,
+        "inference_share": statistics.median(block_inference_s) / statistics.median(results["nonlocal"]["inference_s"]),
+        "attention_kernel": attention_kernel(block, block_timer.input_shape, args.device),
+    }
 
     rows = table_rows(results, args)
     print_report(rows, results, diagnostics, detections, args)
@@ -366,10 +349,9 @@ def table_rows(results, args):
     ]
     if "train_step_s" in b:
         rows.append(("training step (s)", med(b["train_step_s"]), med(n["train_step_s"]), None))
-    for mode in ("inference", "training"):
-        key = f"{mode}_peak_mb"
-        if key in b:
-            rows.append((f"peak memory, {mode} (MB)", b[key], n[key], None))
+    rows.append(("peak memory, inference (MB)", med(b["inference_peak_mb"]), med(n["inference_peak_mb"]), None))
+    if "train_step_s" in b:
+        rows.append(("peak memory, train step (MB)", med(b["train_step_peak_mb"]), med(n["train_step_peak_mb"]), None))
     return [(m, bv, nv, nv / bv, target) for m, bv, nv, target in rows]
 
 
@@ -387,14 +369,13 @@ def print_report(rows, results, diagnostics, detections, args):
     f = results["nonlocal"]["flops"]
     d = diagnostics
     print(f"non-local block: input {d['input_shape']}, {f['nonlocal_block'] / 1e9:.2f} GFLOPs "
-          f"(attention {f['attention'] / 1e9:.2f}), {d['block_time_s']:.3f} s of a {d['model_time_s']:.3f} s "
-          f"inference ({100 * d['block_time_share']:.1f}%), attention kernel: {d['attention_kernel']}")
-    if "inference_s" in results["baseline"]:
-        print("timings (s): " + "; ".join(
-            f"{name} {key[:-2]} " + ", ".join(f"{t:.2f}" for t in results[name][key])
-            for key in ("inference_s", "train_step_s") for name in MODELS if key in results[name]
-        ))
-    print("memory: peak RSS a full-size step adds over the idle model, fresh process per model and mode")
+          f"(attention {f['attention'] / 1e9:.2f}), {statistics.median(d['inference_s']):.3f} s per inference "
+          f"({100 * d['inference_share']:.1f}% of the non-local model's), attention kernel: {d['attention_kernel']}")
+    print("runs (s): " + "; ".join(
+        f"{name} {key[:-2]} " + ", ".join(f"{t:.2f}" for t in results[name][key])
+        for key in ("inference_s", "train_step_s") for name in MODELS if key in results[name]
+    ))
+    print("memory: peak RSS (CPU) or allocated memory (CUDA) a call adds over what is in use before it")
 
 
 if __name__ == "__main__":
