@@ -20,6 +20,16 @@ RESNET_PREFIX = {FPN: "bottom_up.", C4: ""}
 RES4_BLOCKS = {18: 2, 34: 6, 50: 6, 101: 23, 152: 36}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these inputs are tiny, and on a shared 2-core machine a second OpenMP thread
+    spin-waiting for a busy core makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def backbone_cfg(builder=FPN, depth=50, norm="FrozenBN", groups=1, width_per_group=64, **nonlocal_keys):
     cfg = get_cfg()
     add_nonlocal_config(cfg)
@@ -68,7 +78,8 @@ def test_importing_nl_detectron_registers_both_backbones():
         "assert R.get(names[0]) is nl_detectron.build_resnet_nl_backbone\n"
         "assert R.get(names[1]) is nl_detectron.build_resnet_fpn_nl_backbone\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     assert BACKBONE_REGISTRY.get(C4) is nl_detectron.build_resnet_nl_backbone
     assert BACKBONE_REGISTRY.get(FPN) is nl_detectron.build_resnet_fpn_nl_backbone
 

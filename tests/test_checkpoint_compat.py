@@ -24,6 +24,16 @@ CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 NL_PARAMS_PREFIX = "backbone.bottom_up.res4.nonlocal5."
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these inputs are tiny, and on a shared 2-core machine a second OpenMP thread
+    spin-waiting for a busy core makes them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_cfg(name):
     cfg = get_cfg()
     add_nonlocal_config(cfg)
