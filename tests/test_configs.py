@@ -21,6 +21,7 @@ ZOO_DIR = os.path.dirname(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
 NL_BACKBONE_OF = {
     "build_resnet_fpn_backbone": "build_resnet_fpn_nl_backbone",
     "build_resnet_backbone": "build_resnet_nl_backbone",
+    "build_retinanet_resnet_fpn_backbone": "build_retinanet_resnet_fpn_nl_backbone",
 }
 # The paper's placement, written out: right before the last residual block of res4.
 TABLE5_BLOCKS = {
@@ -48,7 +49,7 @@ def is_nonlocal(cfg):
 def expected_blocks(cfg):
     """{module name: in_channels} of the blocks cfg.MODEL.NONLOCAL.LOCATIONS asks for."""
     resnets = cfg.MODEL.RESNETS
-    prefix = "backbone.bottom_up." if cfg.MODEL.BACKBONE.NAME == "build_resnet_fpn_nl_backbone" else "backbone."
+    prefix = "backbone." if cfg.MODEL.BACKBONE.NAME == "build_resnet_nl_backbone" else "backbone.bottom_up."
     out_channels = {f"res{k}": resnets.RES2_OUT_CHANNELS * 2 ** (k - 2) for k in range(2, 6)}
     previous_out = {"res2": resnets.STEM_OUT_CHANNELS, "res3": out_channels["res2"],
                     "res4": out_channels["res3"], "res5": out_channels["res4"]}
@@ -108,6 +109,29 @@ def test_nonlocal_config_equals_its_baseline_but_for_the_backbone(nl_path, basel
     assert not is_nonlocal(baseline)
     assert nl.MODEL.BACKBONE.NAME == NL_BACKBONE_OF[baseline.MODEL.BACKBONE.NAME]
     assert nl.OUTPUT_DIR != baseline.OUTPUT_DIR  # runs do not overwrite each other
+    assert without(nl, NONLOCAL_ONLY_KEYS) == without(baseline, NONLOCAL_ONLY_KEYS)
+
+
+# Non-local configs without a baseline file here: their baseline is the model-zoo recipe they name.
+NL_ZOO_BASELINES = {
+    "cascade_mask_rcnn_nl_R50.yaml": "Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml",
+    "keypoint_rcnn_nl_R50.yaml": "COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml",
+}
+
+
+def test_every_coco_nonlocal_config_has_a_baseline():
+    """Each non-local config that trains on COCO is compared with a baseline, here or in the model zoo."""
+    with_baseline = {nl for nl, _ in baseline_pairs()} | set(NL_ZOO_BASELINES)
+    for path in CONFIGS:
+        cfg = load(path)
+        if is_nonlocal(cfg) and any("coco" in d for d in cfg.DATASETS.TRAIN):
+            assert path in with_baseline, path
+
+
+@pytest.mark.parametrize("nl_path", sorted(NL_ZOO_BASELINES))
+def test_nonlocal_config_equals_its_model_zoo_baseline_but_for_the_backbone(nl_path):
+    nl, baseline = load(nl_path), load(NL_ZOO_BASELINES[nl_path], ZOO_DIR)
+    assert nl.MODEL.BACKBONE.NAME == NL_BACKBONE_OF[baseline.MODEL.BACKBONE.NAME]
     assert without(nl, NONLOCAL_ONLY_KEYS) == without(baseline, NONLOCAL_ONLY_KEYS)
 
 
