@@ -49,9 +49,9 @@ def add_nonlocal_blocks(
         blocks = list(stage.named_children())
         modules = OrderedDict()
         for name, block in blocks:
-            index = int(name)
-            if index in indices:
-                modules[nonlocal_module_name(index)] = NonLocalBlock2d(block.in_channels, **block_kwargs)
+            # Residual blocks are named by their index; a non-local block added earlier keeps its place.
+            if name.isdigit() and int(name) in indices:
+                modules[nonlocal_module_name(int(name))] = NonLocalBlock2d(block.in_channels, **block_kwargs)
             modules[name] = block
         new_stage = nn.Sequential(modules)
         setattr(resnet, stage_name, new_stage)

@@ -208,6 +208,18 @@ def test_multiple_locations_and_negative_indices():
     assert list(nonlocal_blocks(second_to_last)) == ["res4.nonlocal4"]
 
 
+def test_adding_blocks_to_a_stage_that_has_one_keeps_both():
+    backbone = build_backbone(backbone_cfg(C4, 50))  # res4.nonlocal5 from the config
+    nl_detectron.add_nonlocal_blocks(backbone, [("res4", 0)])
+    order = ["nonlocal0", "0", "1", "2", "3", "4", "nonlocal5", "5"]
+    assert [n for n, _ in backbone.res4.named_children()] == order
+    calls = record_call_order(backbone.res4)
+    backbone(torch.randn(1, 3, 64, 64))
+    assert calls == order
+    with pytest.raises(ValueError, match=r"locations=\['res4', -1\].*already has a non-local block"):
+        nl_detectron.add_nonlocal_blocks(backbone, [("res4", -1)])
+
+
 @pytest.mark.parametrize(
     "locations, message",
     [
