@@ -16,6 +16,7 @@ from math import prod
 from typing import Any, Dict, List, Optional
 
 from detectron2.utils.analysis import FlopCountAnalysis
+import torch
 from fvcore.nn.jit_handles import Handle, get_shape
 
 __all__ = ["flop_count_analysis", "nonlocal_flop_handles", "scaled_dot_product_attention_flop_jit"]
@@ -38,13 +39,30 @@ def nonlocal_flop_handles() -> Dict[str, Optional[Handle]]:
     """
     Op name -> fvcore handle for the ops of :class:`~nl_detectron.NonLocalBlock2d` that fvcore does not
     know; pass them to ``FlopCountAnalysis.set_op_handle(**handles)``. ``None`` marks ops without
-    multiply-adds (max-pooling the keys, zero-padding gaussian's values), so they are skipped silently.
+    multiply-adds (max-pooling the keys, padding, layout copies), so they are skipped silently.
     """
     return {
         "aten::scaled_dot_product_attention": scaled_dot_product_attention_flop_jit,
         "aten::max_pool2d": None,
         "aten::pad": None,
+        # The block's row-layout copy, an autograd Function that the tracer records as an opaque node.
+        # fvcore ignores no prim::PythonOp (a None handle is not honoured for them): count it as 0.
+        "prim::PythonOp._RowsCopy": _no_flops,
     }
+
+
+def _no_flops(inputs: List[Any], outputs: List[Any]) -> int:
+    return 0
+
+
+class _NoGradFlopCountAnalysis(FlopCountAnalysis):
+    """Traces without autograd: FLOPs are a forward-pass count, and what a model runs only to save
+    memory for backward (activation checkpointing, custom autograd Functions, which the tracer records
+    as opaque ``prim::PythonOp`` nodes) should not hide the work it wraps."""
+
+    def _analyze(self):  # fvcore's one entry point that traces the model
+        with torch.no_grad():
+            return super()._analyze()
 
 
 def flop_count_analysis(model, inputs) -> FlopCountAnalysis:
@@ -53,8 +71,9 @@ def flop_count_analysis(model, inputs) -> FlopCountAnalysis:
     non-local blocks' attention. ``inputs`` are what ``model`` takes: a tensor for a backbone or block,
     a ``list[dict]`` for a detectron2 meta-architecture (put it in eval mode first, as
     ``detectron2.utils.analysis.flop_count_operators`` does). Counts are per call, for the whole batch.
-    detectron2 traces through a wrapper, so ``by_module()`` names start with ``"model."``.
+    detectron2 traces through a wrapper, so ``by_module()`` names start with ``"model."``. The trace runs
+    under ``torch.no_grad()``.
     """
-    analysis = FlopCountAnalysis(model, inputs)
+    analysis = _NoGradFlopCountAnalysis(model, inputs)
     analysis.set_op_handle(**nonlocal_flop_handles())
     return analysis
