@@ -202,20 +202,34 @@ def alternate_runs(names, run, warmup, repeats, meter):
 
 
 class BlockTimer:
-    """Forward hooks timing the non-local block inside the model's own runs, and recording its input shape."""
+    """Hooks timing the non-local block inside the model's own runs: its forward in inference, and its
+    forward and backward in training steps; and recording its input shape."""
 
     def __init__(self, block, device):
-        self.device, self.times, self.input_shape = device, [], None
+        self.device, self.input_shape = device, None
+        self.times = {"inference": [], "train_forward": [], "train_backward": []}
         block.register_forward_pre_hook(self.before)
         block.register_forward_hook(self.after)
+        block.register_full_backward_pre_hook(lambda module, grad_out: self.before(module, None))
+        block.register_full_backward_hook(lambda module, grad_in, grad_out: self.after_backward())
 
     def before(self, module, args):
         synchronize(self.device)
-        self.input_shape, self.start = tuple(args[0].shape), time.perf_counter()
+        if args is not None:
+            self.input_shape = tuple(args[0].shape)
+        self.start = time.perf_counter()
 
     def after(self, module, args, out):
         synchronize(self.device)
-        self.times.append(time.perf_counter() - self.start)
+        key = "train_forward" if torch.is_grad_enabled() else "inference"
+        self.times[key].append(time.perf_counter() - self.start)
+
+    def after_backward(self):
+        synchronize(self.device)
+        self.times["train_backward"].append(time.perf_counter() - self.start)
+
+    def timed_runs(self, key, warmup, repeats):
+        return self.times[key][warmup: warmup + repeats]
 
 
 def attention_kernel(block, shape, device):
@@ -316,13 +330,18 @@ def main():
         measured = alternate_runs(MODELS, run, args.warmup, args.repeats, meter)
         for name in MODELS:
             results[name][f"{key}_s"], results[name][f"{key}_peak_mb"] = measured[name]
-    block_inference_s = block_timer.times[args.warmup: args.warmup + args.repeats]  # the inference runs came first
+    med = statistics.median
     diagnostics = {
         "input_shape": block_timer.input_shape,
-        "inference_s": block_inference_s,
-        "inference_share": statistics.median(block_inference_s) / statistics.median(results["nonlocal"]["inference_s"]),
+        "inference_s": block_timer.timed_runs("inference", args.warmup, args.repeats),
         "attention_kernel": attention_kernel(block, block_timer.input_shape, args.device),
     }
+    diagnostics["inference_share"] = med(diagnostics["inference_s"]) / med(results["nonlocal"]["inference_s"])
+    if not args.no_train:
+        forward = block_timer.timed_runs("train_forward", args.warmup, args.repeats)
+        backward = block_timer.timed_runs("train_backward", args.warmup, args.repeats)
+        diagnostics["train_step_s"] = [f + b for f, b in zip(forward, backward)]
+        diagnostics["train_step_share"] = med(diagnostics["train_step_s"]) / med(results["nonlocal"]["train_step_s"])
 
     rows = table_rows(results, args)
     print_report(rows, results, diagnostics, detections, args)
@@ -369,8 +388,11 @@ def print_report(rows, results, diagnostics, detections, args):
     f = results["nonlocal"]["flops"]
     d = diagnostics
     print(f"non-local block: input {d['input_shape']}, {f['nonlocal_block'] / 1e9:.2f} GFLOPs "
-          f"(attention {f['attention'] / 1e9:.2f}), {statistics.median(d['inference_s']):.3f} s per inference "
-          f"({100 * d['inference_share']:.1f}% of the non-local model's), attention kernel: {d['attention_kernel']}")
+          f"(attention {f['attention'] / 1e9:.2f}), attention kernel: {d['attention_kernel']}; timed inside the "
+          f"runs: {statistics.median(d['inference_s']):.3f} s per inference "
+          f"({100 * d['inference_share']:.1f}% of the non-local model's)" + (
+              f", {statistics.median(d['train_step_s']):.3f} s forward+backward per training step "
+              f"({100 * d['train_step_share']:.1f}%)" if "train_step_s" in d else ""))
     print("runs (s): " + "; ".join(
         f"{name} {key[:-2]} " + ", ".join(f"{t:.2f}" for t in results[name][key])
         for key in ("inference_s", "train_step_s") for name in MODELS if key in results[name]
