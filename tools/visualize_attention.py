@@ -38,8 +38,8 @@ from nl_detectron.data import ensure_shapes
 logger = logging.getLogger("nl_detectron.visualize_attention")
 
 DEFAULT_IMAGE_DATASET = "nl_shapes_val"
-OVERLAY_ALPHA = 0.55
-COLORMAP = "jet"
+OVERLAY_ALPHA = 0.5
+COLORMAP = "inferno"
 
 
 def default_image() -> str:
@@ -135,13 +135,15 @@ def map_to_image(attention: np.ndarray, key_stride: float, resized_hw, original_
 
 
 def overlay(image_rgb: np.ndarray, attention: np.ndarray, point: Tuple[int, int]) -> Image.Image:
-    """The image with the map (own min to max, colour-mapped) blended over it and the query marked."""
+    """The image, in grey, with the map (own min to max, colour-mapped) blended over it and the query marked."""
     from matplotlib import colormaps
 
     lo, hi = float(attention.min()), float(attention.max())
     normalised = (attention - lo) / (hi - lo) if hi > lo else np.zeros_like(attention)
     heat = colormaps[COLORMAP](normalised)[..., :3] * 255
-    blended = (1 - OVERLAY_ALPHA) * image_rgb + OVERLAY_ALPHA * heat
+    # Over the image in grey, so that the map's colours are not mixed with the image's.
+    grey = image_rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    blended = (1 - OVERLAY_ALPHA) * grey[..., None] + OVERLAY_ALPHA * heat
     result = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(result)
     x, y = point
