@@ -8,6 +8,7 @@ FLOPs and +5% inference time).
 
     python benchmarks/model_overhead.py                 # ~5 min on 2 CPU cores
     python benchmarks/model_overhead.py --repeats 5 --json overhead.json
+    python benchmarks/model_overhead.py --threads 1     # steadier timings on a machine shared with other jobs
     python benchmarks/model_overhead.py --no-train --size 400 667
 
 How it measures:
@@ -284,6 +285,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="images per forward / training step (default 1)")
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1333), metavar=("H", "W"))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
+                        "1 is steadier on a machine shared with other jobs")
     parser.add_argument("--no-train", action="store_true", help="skip the training steps")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args()
@@ -293,6 +296,10 @@ def main():
             parser.error(f"--{key}={getattr(args, key)}: must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup={args.warmup}: must be >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads={args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
 
     meter = StepMeter(args.device)
     with tempfile.TemporaryDirectory() as tmp:
