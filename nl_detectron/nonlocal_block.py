@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from detectron2.layers import Conv2d, get_norm
@@ -33,17 +34,23 @@ class NonLocalBlock2d(nn.Module):
 
     ``s`` is ``1/sqrt(d)`` (d: channels of the dot product) when ``use_scale``, else 1.
 
-    None of the modes keeps an N x N' pairwise matrix for backward: the softmax modes run through
-    :func:`torch.nn.functional.scaled_dot_product_attention`, ``dot_product`` computes
-    ``theta (phi^T g) / N'`` (linear in N), and ``concatenation`` works through query chunks that are
-    recomputed in backward. :meth:`pairwise_weights` materialises the matrix when one wants to see it.
+    Only ``gaussian`` keeps an N x N' pairwise matrix for backward: ``embedded_gaussian`` runs through
+    :func:`torch.nn.functional.scaled_dot_product_attention` (its fused kernel recomputes the weights
+    in backward), ``dot_product`` computes ``theta (phi^T g) / N'`` (linear in N), and
+    ``concatenation`` works through query chunks that are recomputed in backward. ``gaussian``
+    compares x itself, C channels rather than C / reduction, so recomputing its logits in backward
+    would cost more time than the materialising form; it keeps the softmax weights (one N x N'
+    matrix, where autograd through matmul-softmax-matmul holds three to four) and runs its backward
+    through query chunks. :meth:`pairwise_weights` materialises the matrix when one wants to see it.
 
     The block is an identity mapping at initialisation: W_z is zero when ``norm`` is empty, otherwise
     the scale of the norm after W_z is zero (paper, section 4.1).
     """
 
-    # Upper bound on the elements of one chunk of the concatenation pairwise matrix (16 MiB in fp32).
+    # Upper bounds on the elements of one query chunk of the pairwise matrix (16 MiB in fp32) of the
+    # concatenation and gaussian modes.
     concat_chunk_elements = 1 << 22
+    gaussian_chunk_elements = 1 << 22
 
     def __init__(
         self,
@@ -133,13 +140,16 @@ class NonLocalBlock2d(nn.Module):
         query, key, value = self._embed(x)
         y = self._aggregate(query, key, value)  # (B, H*W, inner)
         y = y.transpose(1, 2).reshape(b, self.inner_channels, h, w)
-        return x + self.w_z(y)
+        out = self.w_z(y)
+        # In place into W_z's fresh output (no backward keeps it) instead of allocating another x-sized
+        # tensor; out of place where autocast made it lower precision than x.
+        return out.add_(x) if out.dtype == x.dtype else x + out
 
     @torch.no_grad()
     def pairwise_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """
         The normalised pairwise weights f(x_i, x_j) / C(x) that :meth:`forward` applies, materialised.
-        For inspection (e.g. tools/visualize_attention.py); forward never builds this matrix.
+        For inspection (e.g. tools/visualize_attention.py); only the gaussian mode builds it in forward.
 
         Args:
             x: (B, C, H, W), the block's input.
@@ -180,15 +190,31 @@ class NonLocalBlock2d(nn.Module):
         return x
 
     def _embed(self, x: torch.Tensor):
-        """query (B, N, d), key (B, N', d), value (B, N', inner), contiguous, as SDPA's fast CPU kernel needs."""
-        theta = self.theta(x) if self.theta is not None else x
-        phi = self.phi(x) if self.phi is not None else x
-        g = self.g(x)
+        """
+        query (B, N, d), key (B, N', d) and value (B, N', inner): one row per position.
+
+        theta, phi and g run as one 1x1 convolution, so that x is read once and gets one gradient instead
+        of three; with ``sub_sample`` theta runs apart, as the max-pool keeps its input for backward. The
+        rows are laid out with one copy and q/k/v are column slices of it: SDPA's fused CPU kernel takes
+        those (it needs a unit stride along the channels and otherwise falls back to the math path, which
+        materialises the N x N' matrix). ``gaussian`` compares x itself: its q/k/v are views of x and
+        g(x), which its batched matmuls take as they are.
+        """
+        # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
+        pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
+        if self.mode == "gaussian":
+            key, value = x, self.g(x)
+            if self.sub_sample:
+                key, value = pool(key), pool(value)
+            return _rows(x), _rows(key), _rows(value)
+        # split, not slicing: its backward concatenates the gradients instead of zero-filling and adding
+        # one full-width tensor per slice.
+        d = self.inner_channels
         if self.sub_sample:
-            # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
-            phi = F.max_pool2d(phi, 2, ceil_mode=True)
-            g = F.max_pool2d(g, 2, ceil_mode=True)
-        return tuple(t.flatten(2).transpose(1, 2).contiguous() for t in (theta, phi, g))
+            query = _RowsCopy.apply(self.theta(x))
+            key, value = _RowsCopy.apply(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
+            return query, key, value
+        return _RowsCopy.apply(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
 
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
@@ -203,22 +229,30 @@ class NonLocalBlock2d(nn.Module):
         if out_dtype == torch.float16:
             query, key, value = query.float(), key.float(), value.float()
         num_keys = key.shape[1]
-        if self.mode in ("embedded_gaussian", "gaussian"):
-            inner = value.shape[-1]
-            if inner != query.shape[-1]:
-                # gaussian: the logits have C channels, the values C' = C / reduction. SDPA's fused CPU
-                # kernel needs one head dim for q, k and v and otherwise silently falls back to the math
-                # path, which materialises the N x N' matrix: pad the values with zero channels.
-                value = F.pad(value, (0, query.shape[-1] - inner))
+        if self.mode == "embedded_gaussian":
             y = F.scaled_dot_product_attention(
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self._scale(query)
-            ).squeeze(1)[..., :inner]
+            ).squeeze(1)
+        elif self.mode == "gaussian":
+            y = self._gaussian_aggregate(query, key, value)
         elif self.mode == "dot_product":
             # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
             y = query @ (key.transpose(1, 2) @ value) / num_keys
         else:
             y = self._concat_aggregate(query, key, value)
         return y.to(out_dtype)
+
+    def _gaussian_aggregate(self, query, key, value):
+        # Under autocast x stays float32 while g(x) is bfloat16; the logits x_i . x_j are large (C terms),
+        # so compute in float32 unless all of q/k/v are float64.
+        dtype = torch.float64 if all(t.dtype == torch.float64 for t in (query, key, value)) else torch.float32
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        scale = self._scale(query)
+        chunk = max(1, self.gaussian_chunk_elements // (key.shape[0] * key.shape[1]))
+        with torch.autocast(query.device.type, enabled=False):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+                return _SoftmaxAttentionKeepingWeights.apply(query, key, value, scale, chunk)
+            return _softmax_attention_by_chunks(query, key, value, scale, chunk)
 
     def _concat_aggregate(self, query, key, value):
         u, v = self._concat_terms(query, key)  # (B, N), (B, N')
@@ -236,6 +270,90 @@ class NonLocalBlock2d(nn.Module):
             else:
                 outs.append(_concat_chunk(u_chunk, v, value))
         return torch.cat(outs, dim=1)
+
+
+def _rows(t):
+    """(B, C, H, W) -> (B, H*W, C), a view: one row per position."""
+    return t.flatten(2).transpose(1, 2)
+
+
+class _RowsCopy(torch.autograd.Function):
+    """
+    (B, C, H, W) -> contiguous (B, H*W, C). Its backward returns a contiguous NCHW gradient: autograd's
+    own (a transposed view of the rows' gradient) has channels-last strides, which make the max-pool and
+    convolution backward upstream convert their full-size tensors to channels-last and back.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.shape = t.shape
+        return _rows(t).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(1, 2).contiguous().view(ctx.shape)
+
+
+def _conv1x1(x, convs):
+    """The 1x1 convolutions ``convs`` of x as one convolution, their outputs stacked along the channels."""
+    weight = torch.cat([conv.weight for conv in convs])
+    bias = torch.cat([conv.bias for conv in convs])
+    return F.conv2d(x, weight, bias)
+
+
+def _row_chunks(num_rows, chunk):
+    return [slice(start, start + chunk) for start in range(0, num_rows, chunk)]
+
+
+def _softmax_attention_by_chunks(query, key, value, scale, chunk):
+    """softmax(q k^T * scale) v one chunk of queries at a time, keeping nothing (inference)."""
+    outs = []
+    for rows in _row_chunks(query.shape[1], chunk):
+        logits = torch.bmm(query[:, rows], key.transpose(1, 2)).mul_(scale)
+        outs.append(torch.bmm(torch.softmax(logits, dim=-1), value))
+    return torch.cat(outs, dim=1)
+
+
+class _SoftmaxAttentionKeepingWeights(torch.autograd.Function):
+    """
+    softmax(q k^T * scale) v for (B, N, d) queries, (B, N', d) keys and (B, N', C') values: the matrix
+    products of the materialising form, but one (B, N, N') matrix in all, and its element-wise passes
+    run over chunks of ``chunk`` query rows that stay in cache. Backward turns the kept weights into the
+    logits' gradient in place (so a second backward through the same graph fails loudly: the saved
+    weights were modified).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        weights = torch.baddbmm(query.new_zeros(()), query, key.transpose(1, 2), beta=0, alpha=scale)
+        for rows in _row_chunks(query.shape[1], chunk):
+            weights[:, rows] = torch.softmax(weights[:, rows], dim=-1)
+        out = torch.bmm(weights, value)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(query, key, value, out, weights)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, out, weights = ctx.saved_tensors
+        scale = ctx.scale
+        with torch.autocast(query.device.type, enabled=False):
+            # Each gradient is computed transposed, (B, channels, positions), and handed back as a
+            # transposed view: the layout of q/k/v, which are views of NCHW maps, so the max-pool,
+            # convolution and accumulation upstream get NCHW-contiguous gradients.
+            grad_value = torch.bmm(grad_out.transpose(1, 2), weights).transpose(1, 2)
+            # d loss / d (q k^T) = P * (G v^T - rowsum(P * G v^T)) with G = scale * dL/dout, and
+            # rowsum(P * G v^T) = rowsum(G * out).
+            grad_out = grad_out * scale
+            row_dots = (grad_out * out).sum(dim=-1, keepdim=True)
+            for rows in _row_chunks(query.shape[1], ctx.chunk):
+                grad_weights = torch.bmm(grad_out[:, rows], value.transpose(1, 2)).sub_(row_dots[:, rows])
+                weights[:, rows].mul_(grad_weights)
+            grad_logits = weights
+            grad_query = torch.bmm(key.transpose(1, 2), grad_logits.transpose(1, 2)).transpose(1, 2)
+            grad_key = torch.bmm(query.transpose(1, 2), grad_logits).transpose(1, 2)
+        return grad_query, grad_key, grad_value, None, None
 
 
 def _concat_chunk(u, v, value):

@@ -249,15 +249,25 @@ def test_float16_on_cpu_large_dot_products(mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("sub_sample", [True, False])
-@pytest.mark.parametrize("mode", SOFTMAX_MODES)
-def test_softmax_modes_run_the_fused_cpu_kernel(mode, sub_sample, dtype):
+def test_embedded_gaussian_runs_the_fused_cpu_kernel(sub_sample, dtype):
     # Restricted to the flash kernel, SDPA raises instead of silently falling back to the math path (which
-    # materialises the N x N' matrix), e.g. for non-contiguous q/k/v or q/k and v of different widths.
-    block = NonLocalBlock2d(32, mode=mode, sub_sample=sub_sample).to(dtype)
+    # materialises the N x N' matrix), e.g. for q/k/v without a unit stride along the channels.
+    block = NonLocalBlock2d(32, sub_sample=sub_sample).to(dtype)
     x = torch.randn(2, 32, 6, 7, dtype=dtype, requires_grad=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         block(x).sum().backward()
     assert x.grad is not None
+
+
+def test_gaussian_keeps_one_pairwise_matrix_and_says_so_on_a_second_backward():
+    # gaussian keeps its softmax weights and turns them into the logits' gradient in place: a second
+    # backward through the same graph must fail loudly rather than use the overwritten weights.
+    block = NonLocalBlock2d(16, mode="gaussian")
+    x = torch.randn(2, 16, 6, 7, requires_grad=True)
+    z = block(x)
+    z.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
 
 
 @pytest.mark.parametrize("sub_sample", [True, False])
@@ -310,6 +320,46 @@ def test_concatenation_query_chunks_do_not_change_results(monkeypatch):
     with torch.no_grad():
         assert_close_rel(block(x), whole[0], 1e-12)
     assert not calls
+
+
+@pytest.mark.parametrize("sub_sample", [True, False])
+def test_gaussian_query_chunks_do_not_change_results(monkeypatch, sub_sample):
+    gen = torch.Generator().manual_seed(6)
+    block = randomize_(NonLocalBlock2d(16, mode="gaussian", sub_sample=sub_sample), gen).double()
+    x = torch.randn(2, 16, 6, 8, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    weights = block_weights(block)
+    reference, reference_grad = forward_backward(
+        lambda t: reference_nonlocal(t, weights, mode="gaussian", sub_sample=sub_sample, use_scale=True),
+        x,
+        grad_out,
+    )
+    chunk_counts = []
+    real_row_chunks = nonlocal_block._row_chunks
+
+    def counting_row_chunks(*args):
+        chunks = real_row_chunks(*args)
+        chunk_counts.append(len(chunks))
+        return chunks
+
+    monkeypatch.setattr(nonlocal_block, "_row_chunks", counting_row_chunks)
+    num_keys = 12 if sub_sample else 48
+    for elements, num_chunks in ((1 << 22, 1), (2 * num_keys * 5, 10), (1, 48)):  # 48 queries
+        block.gaussian_chunk_elements = elements
+        chunk_counts.clear()
+        block.zero_grad(set_to_none=True)
+        z, x_grad = forward_backward(block, x, grad_out)
+        assert chunk_counts == [num_chunks, num_chunks]  # forward and backward
+        assert_close_rel(z, reference, 1e-6)
+        assert_close_rel(x_grad, reference_grad, 1e-6)
+        scale = max(w.grad.abs().max().item() for w in weights.values() if w is not None)
+        for name, p in block.named_parameters():
+            assert_close_rel(p.grad, weights[name].grad, 1e-6, scale=scale)
+        # Inference runs the same chunks without keeping the weights.
+        chunk_counts.clear()
+        with torch.no_grad():
+            assert_close_rel(block(x), reference, 1e-6)
+        assert chunk_counts == [num_chunks]
 
 
 BAD_ARGUMENTS = [
