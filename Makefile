@@ -21,8 +21,9 @@ $(STAMP): requirements.txt scripts/install_detectron2.py setup.py
 	$(PY) -m pip install --no-deps -e .
 	touch $@
 
+# --resume: an interrupted demo continues where it stopped; a finished one is evaluated again.
 demo: install
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG)
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) --resume
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -174,3 +174,19 @@ def test_killed_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(tmp
     kill(process)
     check()
     resume_and_finish(out, tmp_path, expected_start=5)
+
+
+def test_training_from_scratch_refuses_to_overwrite_an_earlier_run(tmp_path):
+    """Without --resume, an OUTPUT_DIR holding checkpoints is left untouched: nothing the user had is lost."""
+    from tiny_training import train_net, train_net_args
+
+    (tmp_path / "model_0000004.pth").write_bytes(b"earlier run")
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
+    before = sorted(os.listdir(tmp_path))
+    module = train_net()
+    args = module.default_argument_parser().parse_args(train_net_args(tmp_path))
+    with pytest.raises(FileExistsError, match="--resume") as info:
+        module.main(args)
+    assert str(tmp_path) in str(info.value) and "model_0000004.pth" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == before  # no config.yaml, log or checkpoint written
+    assert (tmp_path / "model_0000004.pth").read_bytes() == b"earlier run"

@@ -5,6 +5,8 @@ Train and evaluate Mask R-CNN with non-local ResNet backbones, with detectron2's
     tools/train_net.py --config-file configs/mask_rcnn_nl_R50.yaml --num-gpus 8
     tools/train_net.py --config-file configs/mask_rcnn_nl_R50.yaml --eval-only MODEL.WEIGHTS model.pth
 """
+import os
+
 import torch
 
 import detectron2.utils.comm as comm
@@ -26,8 +28,23 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"  # logged by default_setup's config dump
     cfg.freeze()
+    if not (args.resume or args.eval_only):
+        refuse_to_overwrite_checkpoints(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     return cfg
+
+
+def refuse_to_overwrite_checkpoints(output_dir):
+    """Training from scratch would overwrite the checkpoints of an earlier run: stop before touching them."""
+    last = os.path.join(output_dir, "last_checkpoint")
+    if os.path.exists(last):
+        with open(last) as f:
+            name = f.read().strip()
+        raise FileExistsError(
+            f"OUTPUT_DIR {output_dir!r} already holds the checkpoints of a run (last_checkpoint: {name}); "
+            "training from scratch would overwrite them. Pass --resume to continue that run, or set "
+            "another OUTPUT_DIR (e.g. a trailing `OUTPUT_DIR output/new_run`)."
+        )
 
 
 def main(args):
