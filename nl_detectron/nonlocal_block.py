@@ -211,10 +211,10 @@ class NonLocalBlock2d(nn.Module):
         # one full-width tensor per slice.
         d = self.inner_channels
         if self.sub_sample:
-            query = _RowsCopy.apply(self.theta(x))
-            key, value = _RowsCopy.apply(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
+            query = _rows_copy(self.theta(x))
+            key, value = _rows_copy(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
             return query, key, value
-        return _RowsCopy.apply(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
+        return _rows_copy(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
 
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
@@ -275,6 +275,15 @@ class NonLocalBlock2d(nn.Module):
 def _rows(t):
     """(B, C, H, W) -> (B, H*W, C), a view: one row per position."""
     return t.flatten(2).transpose(1, 2)
+
+
+def _rows_copy(t):
+    """(B, C, H, W) -> contiguous (B, H*W, C); through :class:`_RowsCopy` only when a backward will run,
+    so that inference stays plain tensor ops, which torch.jit.trace can save (a Python autograd
+    Function in a traced graph cannot be serialised)."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        return _RowsCopy.apply(t)
+    return _rows(t).contiguous()
 
 
 class _RowsCopy(torch.autograd.Function):
