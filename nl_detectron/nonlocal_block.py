@@ -139,7 +139,10 @@ class NonLocalBlock2d(nn.Module):
         b, _, h, w = self._check_input(x).shape
         query, key, value = self._embed(x)
         y = self._aggregate(query, key, value)  # (B, H*W, inner)
-        y = y.transpose(1, 2).reshape(b, self.inner_channels, h, w)
+        # Contiguous NCHW (the rows' transpose is channels-last): W_z's output, and so the block's, keeps
+        # x's layout. A channels-last output would send every later layer down other conv kernels, and
+        # the block would no longer be the exact identity at initialisation.
+        y = y.transpose(1, 2).reshape(b, self.inner_channels, h, w).contiguous()
         out = self.w_z(y)
         # In place into W_z's fresh output (no backward keeps it) instead of allocating another x-sized
         # tensor; out of place where autocast made it lower precision than x.
