@@ -139,10 +139,11 @@ class NonLocalBlock2d(nn.Module):
         b, _, h, w = self._check_input(x).shape
         query, key, value = self._embed(x)
         y = self._aggregate(query, key, value)  # (B, H*W, inner)
-        # Contiguous NCHW (the rows' transpose is channels-last): W_z's output, and so the block's, keeps
-        # x's layout. A channels-last output would send every later layer down other conv kernels, and
-        # the block would no longer be the exact identity at initialisation.
-        y = y.transpose(1, 2).reshape(b, self.inner_channels, h, w).contiguous()
+        # In x's memory layout (the rows' transpose is channels-last), so that W_z's output, and so the
+        # block's, keeps it: a channels-last output from an NCHW input would send every later layer down
+        # other conv kernels, and the block would no longer be the exact identity at initialisation.
+        y = y.transpose(1, 2).reshape(b, self.inner_channels, h, w)
+        y = y.contiguous(memory_format=x.suggest_memory_format())
         out = self.w_z(y)
         # In place into W_z's fresh output (no backward keeps it) instead of allocating another x-sized
         # tensor; out of place where autocast made it lower precision than x.
