@@ -212,12 +212,14 @@ class NonLocalBlock2d(nn.Module):
             if self.sub_sample:
                 key, value = pool(key), pool(value)
             return _rows(x), _rows(key), _rows(value)
+        # split, not slicing: its backward concatenates the gradients instead of zero-filling and adding
+        # one full-width tensor per slice.
         d = self.inner_channels
         if self.sub_sample:
-            (query,) = _rows_split(self.theta(x), d)
-            key, value = _rows_split(pool(_conv1x1(x, (self.phi, self.g))), d)
+            query = _rows_copy(self.theta(x))
+            key, value = _rows_copy(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
             return query, key, value
-        return _rows_split(_conv1x1(x, (self.theta, self.phi, self.g)), d)
+        return _rows_copy(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
 
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
@@ -280,40 +282,30 @@ def _rows(t):
     return t.flatten(2).transpose(1, 2)
 
 
-def _rows_split(t, width):
-    """
-    (B, k * width, H, W) -> k tensors (B, H*W, width): one contiguous copy of the rows, split along the
-    channels. Through :class:`_RowsSplit` only when a backward will run, so that inference stays plain
-    tensor ops, which torch.jit.trace can save (a Python autograd Function in a traced graph cannot be
-    serialised).
-    """
+def _rows_copy(t):
+    """(B, C, H, W) -> contiguous (B, H*W, C); through :class:`_RowsCopy` only when a backward will run,
+    so that inference stays plain tensor ops, which torch.jit.trace can save (a Python autograd
+    Function in a traced graph cannot be serialised)."""
     if torch.is_grad_enabled() and t.requires_grad:
-        return _RowsSplit.apply(t, width)
-    return _rows(t).contiguous().split(width, dim=-1)
+        return _RowsCopy.apply(t)
+    return _rows(t).contiguous()
 
 
-class _RowsSplit(torch.autograd.Function):
+class _RowsCopy(torch.autograd.Function):
     """
-    The autograd side of :func:`_rows_split`. Backward writes the k gradients straight into one contiguous
-    NCHW gradient, in one pass. Autograd's own route (concatenate the split's gradients, then a transposed
-    view) costs an extra pass and hands over a channels-last-strided gradient, which makes the max-pool and
+    (B, C, H, W) -> contiguous (B, H*W, C). Its backward returns a contiguous NCHW gradient: autograd's
+    own (a transposed view of the rows' gradient) has channels-last strides, which make the max-pool and
     convolution backward upstream convert their full-size tensors to channels-last and back.
     """
 
     @staticmethod
-    def forward(ctx, t, width):
-        ctx.shape, ctx.dtype, ctx.device = t.shape, t.dtype, t.device
-        return _rows(t).contiguous().split(width, dim=-1)
+    def forward(ctx, t):
+        ctx.shape = t.shape
+        return _rows(t).contiguous()
 
     @staticmethod
-    def backward(ctx, *grads):
-        b, c, h, w = ctx.shape
-        width = c // len(grads)
-        grads = [
-            g if g is not None else torch.zeros(b, h * w, width, dtype=ctx.dtype, device=ctx.device)
-            for g in grads
-        ]
-        return torch.cat([g.transpose(1, 2) for g in grads], dim=1).view(ctx.shape), None
+    def backward(ctx, grad):
+        return grad.transpose(1, 2).contiguous().view(ctx.shape)
 
 
 def _conv1x1(x, convs):
