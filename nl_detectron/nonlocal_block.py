@@ -200,10 +200,11 @@ class NonLocalBlock2d(nn.Module):
 
         theta, phi and g run as one 1x1 convolution, so that x is read once and gets one gradient instead
         of three; with ``sub_sample`` theta runs apart, as the max-pool keeps its input for backward. The
-        rows are laid out with one copy and q/k/v are column slices of it: SDPA's fused CPU kernel takes
-        those (it needs a unit stride along the channels and otherwise falls back to the math path, which
-        materialises the N x N' matrix). ``gaussian`` compares x itself: its q/k/v are views of x and
-        g(x), which its batched matmuls take as they are.
+        convolutions run on a channels-last copy of x: oneDNN's 1x1 kernels are faster in that layout, and
+        their outputs are then one contiguous row per position, so q/k/v are column slices of them, which
+        SDPA's fused CPU kernel takes (it needs a unit stride along the channels, and otherwise falls back
+        to the math path, which materialises the N x N' matrix). ``gaussian`` compares x itself: its
+        q/k/v are views of x and g(x), which its batched matmuls take as they are.
         """
         # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
         pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
@@ -212,14 +213,14 @@ class NonLocalBlock2d(nn.Module):
             if self.sub_sample:
                 key, value = pool(key), pool(value)
             return _rows(x), _rows(key), _rows(value)
-        # split, not slicing: its backward concatenates the gradients instead of zero-filling and adding
-        # one full-width tensor per slice.
+        x = _channels_last(x)
+        # .contiguous(): a no-op for channels-last outputs, a copy should a conv kernel return another layout.
+        rows = lambda t: _rows(t).contiguous()  # noqa: E731
         d = self.inner_channels
         if self.sub_sample:
-            query = _rows_copy(self.theta(x))
-            key, value = _rows_copy(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
-            return query, key, value
-        return _rows_copy(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
+            key, value = rows(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
+            return rows(self.theta(x)), key, value
+        return rows(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
 
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
@@ -282,30 +283,32 @@ def _rows(t):
     return t.flatten(2).transpose(1, 2)
 
 
-def _rows_copy(t):
-    """(B, C, H, W) -> contiguous (B, H*W, C); through :class:`_RowsCopy` only when a backward will run,
-    so that inference stays plain tensor ops, which torch.jit.trace can save (a Python autograd
-    Function in a traced graph cannot be serialised)."""
-    if torch.is_grad_enabled() and t.requires_grad:
-        return _RowsCopy.apply(t)
-    return _rows(t).contiguous()
-
-
-class _RowsCopy(torch.autograd.Function):
+def _channels_last(x):
     """
-    (B, C, H, W) -> contiguous (B, H*W, C). Its backward returns a contiguous NCHW gradient: autograd's
-    own (a transposed view of the rows' gradient) has channels-last strides, which make the max-pool and
-    convolution backward upstream convert their full-size tensors to channels-last and back.
+    x in channels-last layout; through :class:`_ToChannelsLast` only when a backward will run, so that
+    inference stays plain tensor ops, which torch.jit.trace can save (a Python autograd Function in a
+    traced graph cannot be serialised).
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ToChannelsLast.apply(x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class _ToChannelsLast(torch.autograd.Function):
+    """
+    The autograd side of :func:`_channels_last`: its backward hands the gradient back in x's own layout
+    (autograd's would stay channels-last, and the layers before the block would convert it again).
     """
 
     @staticmethod
-    def forward(ctx, t):
-        ctx.shape = t.shape
-        return _rows(t).contiguous()
+    def forward(ctx, x):
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.transpose(1, 2).contiguous().view(ctx.shape)
+        return grad.contiguous(memory_format=ctx.memory_format)
 
 
 def _conv1x1(x, convs):

@@ -1,10 +1,11 @@
-"""NonLocalBlock2d against the literal reference in reference_nonlocal.py (full pairwise matrix)."""
-import itertools
+"""
+NonLocalBlock2d against the literal reference in reference_nonlocal.py (full pairwise matrix): outputs and
+gradients, identity at initialisation, res4 sizes, reduced precision, chunking, argument errors.
+"""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nl_detectron.nonlocal_block as nonlocal_block
