@@ -1,0 +1,279 @@
+"""
+Time and peak memory of NonLocalBlock2d's forward+backward against the naive form that materialises the
+N x N' pairwise matrix (as mmcv's NonLocal2d does), with the same weights, on the feature maps of a batch of
+two 800 x 1333 images. Prints the ratios ours/naive measured in one run, as a table and (--json) as JSON.
+
+    python benchmarks/nonlocal_block.py                 # every mode and case
+    python benchmarks/nonlocal_block.py --quick         # res4 and res3 with subsampling, 1 timed run
+    python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-nosub --repeats 5
+
+Memory: each (form, mode, case) runs in a fresh subprocess, so that no measurement inherits another's
+allocator state or peak. It builds the module and its inputs, runs a small forward+backward to load the
+kernels, records its resident set size (VmRSS), resets the kernel's peak-RSS counter (writing 5 to
+/proc/self/clear_refs), runs the full forward+backward once and reports VmHWM - baseline: what the
+forward+backward added at its peak, saved activations, gradients and library workspaces included. glibc's
+malloc is told to serve every allocation of 128 KiB or more with its own mmap (MALLOC_MMAP_THRESHOLD_, which
+also turns off its adaptive threshold), so that a freed tensor goes back to the OS at once and the RSS
+follows the live memory rather than the allocator's retained heap.
+
+Time: one more subprocess per (mode, case), with the default allocator, holds both forms; after one
+warm-up pass each, it times --repeats passes of each, alternating (ours, naive, then naive, ours, ...) so
+that a change in the machine's load hits both alike, and reports the medians. The machine's load average
+is printed with the results: on a shared machine the ratios move by several percent from run to run.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
+
+# name: (channels, height, width, sub_sample); stride 16 (res4) and 8 (res3) of an 800 x 1333 image.
+CASES = {
+    "res4-sub": (1024, 50, 84, True),
+    "res4-nosub": (1024, 50, 84, False),
+    "res3-sub": (512, 100, 168, True),
+    "res3-nosub": (512, 100, 168, False),
+}
+QUICK_CASES = ("res4-sub", "res3-sub")
+BATCH = 2
+IMPLS = ("ours", "naive")
+SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
+
+
+class MaterialisedNonLocal(nn.Module):
+    """
+    The naive form with the weights of ``block``: the N x N' pairwise matrix is built and kept for
+    backward, as in mmcv's NonLocal2d. For concatenation, mmcv even builds the (B, 2C', N, N') tensor of
+    concatenated pairs (36 GB to 578 GB at these sizes, impossible here); this form builds only the
+    N x N' matrix ReLU(w_theta . theta_i + w_phi . phi_j), the smallest materialising version.
+    """
+
+    def __init__(self, block: NonLocalBlock2d):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        block = self.block
+        b, _, h, w = x.shape
+        theta = block.theta(x) if block.theta is not None else x
+        phi = block.phi(x) if block.phi is not None else x
+        g = block.g(x)
+        if block.sub_sample:
+            phi = F.max_pool2d(phi, 2, ceil_mode=True)
+            g = F.max_pool2d(g, 2, ceil_mode=True)
+        theta = theta.flatten(2).transpose(1, 2)  # (B, N, d)
+        phi = phi.flatten(2)  # (B, d, N')
+        g = g.flatten(2).transpose(1, 2)  # (B, N', C')
+        num_keys = phi.shape[-1]
+        if block.mode in SOFTMAX_MODES:
+            pairwise = theta @ phi
+            if block.use_scale:
+                pairwise /= math.sqrt(theta.shape[-1])
+            pairwise = pairwise.softmax(dim=-1)
+        elif block.mode == "dot_product":
+            pairwise = theta @ phi
+            pairwise /= num_keys
+        else:
+            w_theta, w_phi = block.concat_project.weight.chunk(2, dim=1)
+            u = theta @ w_theta.t()  # (B, N, 1)
+            v = w_phi @ phi  # (B, 1, N')
+            pairwise = (u + v).div_(num_keys).relu_()  # in place: ReLU(a) / N' = ReLU(a / N')
+        y = (pairwise @ g).transpose(1, 2).reshape(b, -1, h, w)
+        return x + block.w_z(y)
+
+
+def build(impl, mode, case):
+    channels, height, width, sub_sample = CASES[case]
+    torch.manual_seed(0)
+    block = NonLocalBlock2d(channels, mode=mode, sub_sample=sub_sample)
+    with torch.no_grad():  # a trained-looking W_z instead of the zero initialisation
+        nn.init.normal_(block.w_z.weight, std=0.01)
+    module = block if impl == "ours" else MaterialisedNonLocal(block)
+    x = torch.randn(BATCH, channels, height, width, requires_grad=True)
+    return module, x, torch.randn(x.shape)
+
+
+def forward_backward(module, x, grad_out):
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    module(x).backward(grad_out)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_worker(impl, mode, case):
+    """Peak memory of one forward+backward, in its own process: prints a JSON line."""
+    module, x, grad_out = build(impl, mode, case)
+    small = x.detach()[:, :, :8, :8].clone().requires_grad_(True)
+    forward_backward(module, small, torch.randn(small.shape))  # load kernels, build thread pools
+    small = None
+    baseline_kib = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        peak_field = "VmHWM"
+    except OSError:  # no reset possible: the lifetime peak, which includes the small warm-up
+        peak_field = None
+    forward_backward(module, x, grad_out)
+    if peak_field:
+        peak_kib = _status_kib(peak_field)
+    else:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": (peak_kib - baseline_kib) / 1024}))
+
+
+def time_worker(mode, case, repeats):
+    """
+    Forward+backward times of both forms, in one process: after one warm-up pass each, they alternate
+    (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike.
+    Prints a JSON line of the per-run times.
+    """
+    forms = {impl: build(impl, mode, case) for impl in IMPLS}
+    for impl in IMPLS:
+        forward_backward(*forms[impl])
+    times = {impl: [] for impl in IMPLS}
+    for round_ in range(repeats):
+        for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
+            start = time.perf_counter()
+            forward_backward(*forms[impl])
+            times[impl].append(time.perf_counter() - start)
+    print(json.dumps(times))
+
+
+def _subprocess(args, env=None):
+    cmd = [sys.executable, __file__] + [str(a) for a in args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(mode, case, repeats):
+    # Every allocation >= 128 KiB gets its own mmap and is unmapped when freed: RSS follows live memory.
+    malloc_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    result = {}
+    for impl in IMPLS:  # one at a time: the naive cases take up to several GB
+        result[impl] = _subprocess(["--memory-worker", impl, mode, case], env=malloc_env)
+    times = _subprocess(["--time-worker", mode, case, "--repeats", repeats])
+    for impl in IMPLS:
+        result[impl].update(times_s=times[impl], time_s=statistics.median(times[impl]))
+        result[impl]["min_time_s"] = min(times[impl])
+    return result
+
+
+def sdpa_backend(mode, case):
+    """
+    Which SDPA kernel the block's softmax modes get on this machine: restricted to the fused flash kernel,
+    SDPA raises where it would otherwise silently fall back to the math path (which materialises the matrix).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if mode != "embedded_gaussian":
+        return {"gaussian": "none: batched matmuls, keeps the weights"}.get(mode, "none: no softmax")
+    channels, _, _, sub_sample = CASES[case]
+    block = NonLocalBlock2d(channels, mode=mode, sub_sample=sub_sample)
+    x = torch.randn(BATCH, channels, 6, 7, requires_grad=True)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            block(x).sum().backward()
+        return "flash"
+    except RuntimeError:
+        return "math (materialises N x N')"
+
+
+def check_same_function(mode):
+    """The naive form computes what the block does (small input, float64)."""
+    for sub_sample in (True, False):
+        torch.manual_seed(0)
+        block = NonLocalBlock2d(64, mode=mode, sub_sample=sub_sample).double()
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(std=0.1)
+        x = torch.randn(2, 64, 7, 9, dtype=torch.float64)
+        torch.testing.assert_close(MaterialisedNonLocal(block)(x), block(x))
+
+
+def machine():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", nargs="+", choices=NONLOCAL_MODES, default=list(NONLOCAL_MODES))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up one (default 3; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK_CASES)}, 1 timed run")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--memory-worker", nargs=3, metavar=("IMPL", "MODE", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-worker", nargs=2, metavar=("MODE", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if repeats < 1:
+        parser.error(f"--repeats={repeats}: must be >= 1")
+    if args.memory_worker:
+        return memory_worker(*args.memory_worker)
+    if args.time_worker:
+        return time_worker(*args.time_worker, repeats)
+    cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
+
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']} "
+          f"({info['torch_threads']} threads), load average {os.getloadavg()[0]:.1f}")
+    print(f"batch {BATCH}, forward+backward; time: median of {repeats} run(s) after a warm-up; "
+          "memory: peak RSS the forward+backward adds (fresh process each)")
+    header = (f"{'mode':17s} {'case':10s} {'ours s':>7s} {'naive s':>7s} {'time o/n':>8s} "
+              f"{'ours MB':>7s} {'naive MB':>8s} {'mem o/n':>7s}  SDPA kernel (ours, CPU)")
+    print(header)
+    print("-" * len(header), flush=True)
+    start = time.time()
+    rows = []
+    for mode in args.modes:
+        check_same_function(mode)
+        for case in cases:
+            result = {"mode": mode, "case": case, "sdpa_backend": sdpa_backend(mode, case)}
+            result.update(measure(mode, case, repeats))
+            ours, naive = result["ours"], result["naive"]
+            result["time_ratio"] = ours["time_s"] / naive["time_s"]
+            result["memory_ratio"] = ours["peak_mb"] / naive["peak_mb"]
+            result["load_average"] = os.getloadavg()[0]
+            rows.append(result)
+            print(f"{mode:17s} {case:10s} {ours['time_s']:7.2f} {naive['time_s']:7.2f} "
+                  f"{result['time_ratio']:8.2f} {ours['peak_mb']:7.0f} {naive['peak_mb']:8.0f} "
+                  f"{result['memory_ratio']:7.3f}  {result['sdpa_backend']}", flush=True)
+    print(f"{time.time() - start:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "batch": BATCH, "repeats": repeats, "cases": {
+                k: dict(zip(("channels", "height", "width", "sub_sample"), v)) for k, v in CASES.items()
+            }, "results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
