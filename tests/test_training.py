@@ -5,6 +5,8 @@ import numpy as np
 import torch
 
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_train_loader
+from detectron2.utils.events import EventStorage
 
 from nl_detectron import add_nonlocal_config, nonlocal_blocks
 from nl_detectron.data import check_datasets
@@ -29,11 +31,20 @@ def _tiny_cfg(output_dir):
     return cfg
 
 
+def _loss_on(model, batch):
+    """The training loss of ``model`` on ``batch``, with the same proposal sampling every time."""
+    torch.manual_seed(0)
+    with torch.no_grad(), EventStorage():  # the ROI heads log to an event storage
+        return sum(model(batch).values()).item()
+
+
 def test_training_moves_the_nonlocal_branch_and_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     cfg = _tiny_cfg(tmp_path)
     check_datasets(cfg)
+    batch = next(iter(build_detection_train_loader(cfg)))
     trainer = Trainer(cfg)
+    loss_before = _loss_on(trainer.model, batch)
     (name, block), = nonlocal_blocks(trainer.model).items()
     assert name == "backbone.bottom_up.res4.nonlocal1"  # ResNet-18's res4 has blocks 0 and 1
     assert torch.count_nonzero(block.w_z.weight) == 0  # identity at the start
@@ -47,4 +58,6 @@ def test_training_moves_the_nonlocal_branch_and_lowers_the_loss(tmp_path):
     losses = np.array([v for v, _ in trainer.storage.history("total_loss").values()])
     assert len(losses) == cfg.SOLVER.MAX_ITER
     assert np.isfinite(losses).all()
-    assert losses[-10:].mean() < 0.8 * losses[:10].mean(), losses
+    # The loss of one fixed batch fell (by a third when measured: 3.28 -> 2.19); mini-batch losses are
+    # too noisy over 40 iterations to compare.
+    assert _loss_on(trainer.model, batch) < 0.8 * loss_before
