@@ -257,7 +257,10 @@ class NonLocalBlock2d(nn.Module):
         chunk = max(1, self.gaussian_chunk_elements // (key.shape[0] * key.shape[1]))
         with torch.autocast(query.device.type, enabled=False):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-                return _SoftmaxAttentionKeepingWeights.apply(query, key, value, scale, chunk)
+                # Without subsampling the keys are the queries (x itself): pass None for the symmetric form.
+                block = max(1, math.isqrt(self.gaussian_chunk_elements // key.shape[0]))
+                keys = None if not self.sub_sample else key
+                return _SoftmaxAttentionKeepingWeights.apply(query, keys, value, scale, chunk, block)
             return _softmax_attention_by_chunks(query, key, value, scale, chunk)
 
     def _concat_aggregate(self, query, key, value):
@@ -338,15 +341,24 @@ class _SoftmaxAttentionKeepingWeights(torch.autograd.Function):
     run over chunks of ``chunk`` query rows that stay in cache. Backward turns the kept weights into the
     logits' gradient in place (so a second backward through the same graph fails loudly: the saved
     weights were modified).
+
+    ``key`` None means the keys are the queries (gaussian without subsampling): q q^T is symmetric, so
+    forward computes the blocks on and above its diagonal only, and backward gets the queries' gradient
+    (dS + dS^T) q from one product instead of the two dS k and dS^T q.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, scale, chunk):
-        weights = torch.baddbmm(query.new_zeros(()), query, key.transpose(1, 2), beta=0, alpha=scale)
-        for rows in _row_chunks(query.shape[1], chunk):
-            weights[:, rows] = torch.softmax(weights[:, rows], dim=-1)
+    def forward(ctx, query, key, value, scale, chunk, block):
+        if key is None:
+            weights = _symmetric_gram(query, scale, block)
+        else:
+            weights = torch.bmm(query, (key * scale).transpose(1, 2))  # scale the smaller operand
+        # Chunks of contiguous rows (of both batch elements): softmax would copy a strided chunk first.
+        flat = weights.view(-1, weights.shape[-1])
+        for rows in _row_chunks(flat.shape[0], chunk * weights.shape[0]):
+            flat[rows] = torch.softmax(flat[rows], dim=-1)
         out = torch.bmm(weights, value)
-        ctx.scale, ctx.chunk = scale, chunk
+        ctx.scale, ctx.chunk, ctx.block = scale, chunk, block
         ctx.save_for_backward(query, key, value, out, weights)
         return out
 
@@ -360,17 +372,49 @@ class _SoftmaxAttentionKeepingWeights(torch.autograd.Function):
             # transposed view: the layout of q/k/v, which are views of NCHW maps, so the max-pool,
             # convolution and accumulation upstream get NCHW-contiguous gradients.
             grad_value = torch.bmm(grad_out.transpose(1, 2), weights).transpose(1, 2)
-            # d loss / d (q k^T) = P * (G v^T - rowsum(P * G v^T)) with G = scale * dL/dout, and
-            # rowsum(P * G v^T) = rowsum(G * out).
-            grad_out = grad_out * scale
-            row_dots = (grad_out * out).sum(dim=-1, keepdim=True)
+            # d loss / d (q k^T) = scale * P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = dL/dout v^T, and
+            # rowsum(P * dL/dP) = rowsum(dL/dout * out). The scale goes on the smallest operands.
+            row_dots = (grad_out * out).sum(dim=-1, keepdim=True).mul_(scale)
+            scaled_value_t = (value * scale).transpose(1, 2)
             for rows in _row_chunks(query.shape[1], ctx.chunk):
-                grad_weights = torch.bmm(grad_out[:, rows], value.transpose(1, 2)).sub_(row_dots[:, rows])
+                grad_weights = torch.bmm(grad_out[:, rows], scaled_value_t).sub_(row_dots[:, rows])
                 weights[:, rows].mul_(grad_weights)
             grad_logits = weights
-            grad_query = torch.bmm(key.transpose(1, 2), grad_logits.transpose(1, 2)).transpose(1, 2)
-            grad_key = torch.bmm(query.transpose(1, 2), grad_logits).transpose(1, 2)
-        return grad_query, grad_key, grad_value, None, None
+            if key is None:
+                grad_logits = _symmetrize_(grad_logits, ctx.block)  # dS + dS^T, symmetric
+                grad_query = torch.bmm(query.transpose(1, 2), grad_logits).transpose(1, 2)
+                grad_key = None
+            else:
+                grad_query = torch.bmm(key.transpose(1, 2), grad_logits.transpose(1, 2)).transpose(1, 2)
+                grad_key = torch.bmm(query.transpose(1, 2), grad_logits).transpose(1, 2)
+        return grad_query, grad_key, grad_value, None, None, None
+
+
+def _symmetric_gram(rows, scale, block):
+    """rows rows^T * scale, (B, N, N): the blocks on and above the diagonal, mirrored below it."""
+    n = rows.shape[1]
+    gram = rows.new_empty(rows.shape[0], n, n)
+    spans = _row_chunks(n, block)
+    for i, span_i in enumerate(spans):
+        for span_j in spans[i:]:
+            product = torch.bmm(rows[:, span_i], rows[:, span_j].transpose(1, 2)).mul_(scale)
+            gram[:, span_i, span_j] = product
+            if span_j != span_i:
+                gram[:, span_j, span_i] = product.transpose(1, 2)
+    return gram
+
+
+def _symmetrize_(matrix, block):
+    """matrix + matrix^T for (B, N, N), in place, block by block."""
+    spans = _row_chunks(matrix.shape[1], block)
+    for i, span_i in enumerate(spans):
+        for span_j in spans[i:]:
+            upper, lower = matrix[:, span_i, span_j], matrix[:, span_j, span_i]
+            total = upper + lower.transpose(1, 2)
+            upper.copy_(total)
+            if span_j != span_i:
+                lower.copy_(total.transpose(1, 2))
+    return matrix
 
 
 def _concat_chunk(u, v, value):

@@ -335,32 +335,41 @@ def test_gaussian_query_chunks_do_not_change_results(monkeypatch, sub_sample):
         x,
         grad_out,
     )
-    chunk_counts = []
+    calls = []  # (rows per chunk, number of chunks) of every split into chunks
     real_row_chunks = nonlocal_block._row_chunks
 
-    def counting_row_chunks(*args):
-        chunks = real_row_chunks(*args)
-        chunk_counts.append(len(chunks))
+    def counting_row_chunks(num_rows, chunk):
+        chunks = real_row_chunks(num_rows, chunk)
+        calls.append((chunk, len(chunks)))
         return chunks
 
     monkeypatch.setattr(nonlocal_block, "_row_chunks", counting_row_chunks)
     num_keys = 12 if sub_sample else 48
-    for elements, num_chunks in ((1 << 22, 1), (2 * num_keys * 5, 10), (1, 48)):  # 48 queries
+    # 48 queries in chunks of budget / (batch * keys) rows. The budget also sets the blocks, sqrt(budget /
+    # batch) rows, of the symmetric products that gaussian without subsampling uses.
+    for elements, num_chunks in ((1 << 22, 1), (2 * num_keys * 5, 10), (1, 48)):
         block.gaussian_chunk_elements = elements
-        chunk_counts.clear()
+        chunk = max(1, elements // (2 * num_keys))
+        block_rows = max(1, math.isqrt(elements // 2))
+        calls.clear()
         block.zero_grad(set_to_none=True)
         z, x_grad = forward_backward(block, x, grad_out)
-        assert chunk_counts == [num_chunks, num_chunks]  # forward and backward
+        # The softmax chunks in forward (over the rows of both batch elements) and backward; without
+        # subsampling also the symmetric product's blocks in forward and the symmetrisation's in backward.
+        expected = [(2 * chunk, num_chunks), (chunk, num_chunks)]
+        if not sub_sample:
+            expected += [(block_rows, -(-48 // block_rows))] * 2
+        assert sorted(calls) == sorted(expected)
         assert_close_rel(z, reference, 1e-6)
         assert_close_rel(x_grad, reference_grad, 1e-6)
         scale = max(w.grad.abs().max().item() for w in weights.values() if w is not None)
         for name, p in block.named_parameters():
             assert_close_rel(p.grad, weights[name].grad, 1e-6, scale=scale)
         # Inference runs the same chunks without keeping the weights.
-        chunk_counts.clear()
+        calls.clear()
         with torch.no_grad():
             assert_close_rel(block(x), reference, 1e-6)
-        assert chunk_counts == [num_chunks]
+        assert calls == [(chunk, num_chunks)]
 
 
 BAD_ARGUMENTS = [
