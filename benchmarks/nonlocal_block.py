@@ -3,8 +3,8 @@ Time and peak memory of NonLocalBlock2d's forward+backward against the naive for
 N x N' pairwise matrix (as mmcv's NonLocal2d does), with the same weights, on the feature maps of a batch of
 two 800 x 1333 images. Prints the ratios ours/naive measured in one run, as a table and (--json) as JSON.
 
-    python benchmarks/nonlocal_block.py                 # every mode and case
-    python benchmarks/nonlocal_block.py --quick         # res4 and res3 with subsampling, 1 timed run
+    python benchmarks/nonlocal_block.py                 # every mode and case (~14 min on 2 cores)
+    python benchmarks/nonlocal_block.py --quick         # res4 and res3 with subsampling, 1 round (~3 min)
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-nosub --repeats 5
 
 Memory: each (form, mode, case) runs in a fresh subprocess, so that no measurement inherits another's
@@ -17,9 +17,11 @@ also turns off its adaptive threshold), so that a freed tensor goes back to the 
 follows the live memory rather than the allocator's retained heap.
 
 Time: one more subprocess per (mode, case), with the default allocator, holds both forms; after one
-warm-up pass each, it times --repeats passes of each, alternating (ours, naive, then naive, ours, ...) so
-that a change in the machine's load hits both alike, and reports the medians. The machine's load average
-is printed with the results: on a shared machine the ratios move by several percent from run to run.
+warm-up pass each, it times them in rounds, alternating (ours, naive, then naive, ours, ...) so that a
+change in the machine's load hits both alike: --repeats rounds, more (up to 9) while less than 20 s have
+passed (not with --quick). It reports each form's median time and, as the ratio, the median of the
+rounds' ours/naive. The machine's load average is printed with the results: on a shared machine the
+ratios move by several percent from run to run.
 """
 import argparse
 import json
@@ -47,6 +49,7 @@ CASES = {
 }
 QUICK_CASES = ("res4-sub", "res3-sub")
 BATCH = 2
+MIN_TIMING_S, MAX_ROUNDS = 20.0, 9  # cases quicker than that get extra timed rounds (not with --quick)
 IMPLS = ("ours", "naive")
 SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
 
@@ -139,21 +142,25 @@ def memory_worker(impl, mode, case):
     print(json.dumps({"peak_mb": (peak_kib - baseline_kib) / 1024}))
 
 
-def time_worker(mode, case, repeats):
+def time_worker(mode, case, repeats, min_timing_s):
     """
     Forward+backward times of both forms, in one process: after one warm-up pass each, they alternate
-    (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike.
+    (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike: at least
+    ``repeats`` rounds, more for quick cases until ``min_timing_s`` have passed (at most MAX_ROUNDS).
     Prints a JSON line of the per-run times.
     """
     forms = {impl: build(impl, mode, case) for impl in IMPLS}
     for impl in IMPLS:
         forward_backward(*forms[impl])
     times = {impl: [] for impl in IMPLS}
-    for round_ in range(repeats):
+    start_all = time.perf_counter()
+    round_ = 0
+    while round_ < repeats or (time.perf_counter() - start_all < min_timing_s and round_ < MAX_ROUNDS):
         for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
             start = time.perf_counter()
             forward_backward(*forms[impl])
             times[impl].append(time.perf_counter() - start)
+        round_ += 1
     print(json.dumps(times))
 
 
@@ -165,13 +172,13 @@ def _subprocess(args, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(mode, case, repeats):
+def measure(mode, case, repeats, min_timing_s):
     # Every allocation >= 128 KiB gets its own mmap and is unmapped when freed: RSS follows live memory.
     malloc_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     result = {}
     for impl in IMPLS:  # one at a time: the naive cases take up to several GB
         result[impl] = _subprocess(["--memory-worker", impl, mode, case], env=malloc_env)
-    times = _subprocess(["--time-worker", mode, case, "--repeats", repeats])
+    times = _subprocess(["--time-worker", mode, case, "--repeats", repeats, "--min-timing-s", min_timing_s])
     for impl in IMPLS:
         result[impl].update(times_s=times[impl], time_s=statistics.median(times[impl]))
         result[impl]["min_time_s"] = min(times[impl])
@@ -227,11 +234,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", nargs="+", choices=NONLOCAL_MODES, default=list(NONLOCAL_MODES))
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up one (default 3; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds at least, after a warm-up (default 3; --quick: 1); quick cases get more")
     parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK_CASES)}, 1 timed run")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--memory-worker", nargs=3, metavar=("IMPL", "MODE", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", nargs=2, metavar=("MODE", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--min-timing-s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
@@ -239,14 +248,14 @@ def main():
     if args.memory_worker:
         return memory_worker(*args.memory_worker)
     if args.time_worker:
-        return time_worker(*args.time_worker, repeats)
+        return time_worker(*args.time_worker, repeats, args.min_timing_s)
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']} "
           f"({info['torch_threads']} threads), load average {os.getloadavg()[0]:.1f}")
-    print(f"batch {BATCH}, forward+backward; time: median of {repeats} run(s) after a warm-up; "
-          "memory: peak RSS the forward+backward adds (fresh process each)")
+    print(f"batch {BATCH}, forward+backward; time: median of >= {repeats} alternating rounds after a warm-up, "
+          "time o/n: median of the rounds' ratios; memory: peak RSS the forward+backward adds (fresh process each)")
     header = (f"{'mode':17s} {'case':10s} {'ours s':>7s} {'naive s':>7s} {'time o/n':>8s} "
               f"{'ours MB':>7s} {'naive MB':>8s} {'mem o/n':>7s}  SDPA kernel (ours, CPU)")
     print(header)
@@ -257,9 +266,13 @@ def main():
         check_same_function(mode)
         for case in cases:
             result = {"mode": mode, "case": case, "sdpa_backend": sdpa_backend(mode, case)}
-            result.update(measure(mode, case, repeats))
+            result.update(measure(mode, case, repeats, 0.0 if args.quick else MIN_TIMING_S))
             ours, naive = result["ours"], result["naive"]
-            result["time_ratio"] = ours["time_s"] / naive["time_s"]
+            # Median over rounds of ours/naive, each pair timed back to back: steadier than the ratio of
+            # the medians when the machine's load changes during the measurement.
+            result["time_ratio"] = statistics.median(
+                o / n for o, n in zip(ours["times_s"], naive["times_s"])
+            )
             result["memory_ratio"] = ours["peak_mb"] / naive["peak_mb"]
             result["load_average"] = os.getloadavg()[0]
             rows.append(result)
