@@ -234,9 +234,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", nargs="+", choices=NONLOCAL_MODES, default=list(NONLOCAL_MODES))
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=None)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds at least, after a warm-up (default 3; --quick: 1); quick cases get more")
-    parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK_CASES)}, 1 timed run")
+    parser.add_argument(
+        "--repeats", type=int, default=None,
+        help="timed rounds at least, after a warm-up (default 3, quick cases get more; --quick: 1)",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK_CASES)}, 1 round")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--memory-worker", nargs=3, metavar=("IMPL", "MODE", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", nargs=2, metavar=("MODE", "CASE"), help=argparse.SUPPRESS)
@@ -254,8 +256,9 @@ def main():
     info = machine()
     print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']} "
           f"({info['torch_threads']} threads), load average {os.getloadavg()[0]:.1f}")
-    print(f"batch {BATCH}, forward+backward; time: median of >= {repeats} alternating rounds after a warm-up, "
-          "time o/n: median of the rounds' ratios; memory: peak RSS the forward+backward adds (fresh process each)")
+    print(f"batch {BATCH}, forward+backward; time: median of >= {repeats} alternating rounds after a "
+          "warm-up, time o/n: median of the rounds' ratios; memory: peak RSS the forward+backward adds "
+          "(fresh process each)")
     header = (f"{'mode':17s} {'case':10s} {'ours s':>7s} {'naive s':>7s} {'time o/n':>8s} "
               f"{'ours MB':>7s} {'naive MB':>8s} {'mem o/n':>7s}  SDPA kernel (ours, CPU)")
     print(header)
