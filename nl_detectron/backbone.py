@@ -41,7 +41,8 @@ def add_nonlocal_blocks(
         locations: pairs ``(stage, i)``: one block right before residual block i of ``stage``
             ("res2".."res5"); i < 0 counts from the end. The default is the paper's Mask R-CNN
             placement, right before the last residual block of res4.
-        block_kwargs: passed to :class:`NonLocalBlock2d` (mode, reduction, sub_sample, use_scale, norm).
+        block_kwargs: passed to :class:`NonLocalBlock2d` (mode, reduction, sub_sample,
+            sub_sample_input, use_scale, norm).
     """
     placements = _resolve_locations(resnet, locations)
     for stage_name, indices in placements.items():
@@ -123,6 +124,7 @@ _CFG_KEYS = {
     "mode": "MODE",
     "reduction": "REDUCTION",
     "sub_sample": "SUBSAMPLE",
+    "sub_sample_input": "SUBSAMPLE_INPUT",
     "use_scale": "USE_SCALE",
     "norm": "NORM",
 }

@@ -19,6 +19,9 @@ def add_nonlocal_config(cfg):
     _C.MODEL.NONLOCAL.MODE = "embedded_gaussian"
     _C.MODEL.NONLOCAL.REDUCTION = 2
     _C.MODEL.NONLOCAL.SUBSAMPLE = True
+    # With SUBSAMPLE, max-pool x before the phi/g convolutions (the authors' code) instead of pooling
+    # phi(x) and g(x) (the paper's text): a quarter of their multiply-adds, different values.
+    _C.MODEL.NONLOCAL.SUBSAMPLE_INPUT = False
     _C.MODEL.NONLOCAL.USE_SCALE = True
     # Norm after W_z. "" (none, W_z zero-initialised) suits detection's 2 images per GPU and frozen
     # backbone BN, as the authors' "affine" configs do; "BN"/"SyncBN"/"GN" start with a zero scale.
@@ -33,6 +36,7 @@ def nonlocal_block_kwargs(cfg):
         mode=nl.MODE,
         reduction=nl.REDUCTION,
         sub_sample=nl.SUBSAMPLE,
+        sub_sample_input=nl.SUBSAMPLE_INPUT,
         use_scale=nl.USE_SCALE,
         norm=nl.NORM,
     )

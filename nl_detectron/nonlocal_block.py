@@ -24,7 +24,8 @@ class NonLocalBlock2d(nn.Module):
     ``z = x + W_z(y)`` with ``y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j)`` (paper, eq. 1 and 6).
 
     Positions i run over the H x W input; positions j over the keys, which are the input's positions or,
-    with ``sub_sample``, those of a 2x2 max-pool of phi(x) and g(x) (paper, section 3.3).
+    with ``sub_sample``, those of a 2x2 max-pool of phi(x) and g(x) (paper, section 3.3), or, with
+    ``sub_sample_input`` as well, phi and g of a 2x2 max-pool of x (the authors' released code).
     ``mode`` picks the pairwise function f and its normaliser C(x) (paper, section 3.2):
 
     * ``embedded_gaussian``: softmax_j(theta(x_i)^T phi(x_j) * s), the paper's default.
@@ -59,6 +60,7 @@ class NonLocalBlock2d(nn.Module):
         mode: str = "embedded_gaussian",
         reduction: int = 2,
         sub_sample: bool = True,
+        sub_sample_input: bool = False,
         use_scale: bool = True,
         norm: str = "",
     ):
@@ -68,6 +70,10 @@ class NonLocalBlock2d(nn.Module):
             mode: one of :data:`NONLOCAL_MODES`.
             reduction: theta, phi and g have ``in_channels // reduction`` channels (the paper: 2).
             sub_sample: 2x2 max-pool phi(x) and g(x), so there are ~4x fewer keys (the paper: yes).
+            sub_sample_input: with ``sub_sample``, max-pool x before the phi and g convolutions
+                instead of pooling their outputs: what the authors' code does (the paper's text pools
+                after phi and g). Same key grid, a quarter of the phi/g multiply-adds, different values
+                (max-pooling does not commute with a convolution).
             use_scale: scale the softmax logits by 1/sqrt(d). The paper does not; the authors'
                 released code does, and unscaled logits of 512-d embeddings saturate the softmax and
                 overflow float16, hence the default True. Only used by the softmax modes.
@@ -79,6 +85,13 @@ class NonLocalBlock2d(nn.Module):
         _check_int("reduction", reduction)
         _check_choice("norm", norm, NONLOCAL_NORMS)
         _check_bool("sub_sample", sub_sample)
+        _check_bool("sub_sample_input", sub_sample_input)
+        if sub_sample_input and not sub_sample:
+            raise NonLocalArgumentError(
+                "sub_sample_input", sub_sample_input,
+                "chooses where the subsampling max-pool goes, so it needs sub_sample=True "
+                "(got sub_sample=False); valid choices here: False",
+            )
         _check_bool("use_scale", use_scale)
         if in_channels % reduction != 0:
             raise NonLocalArgumentError(
@@ -96,6 +109,7 @@ class NonLocalBlock2d(nn.Module):
         self.inner_channels = inner
         self.mode = mode
         self.sub_sample = bool(sub_sample)
+        self.sub_sample_input = bool(sub_sample_input)
         self.use_scale = bool(use_scale)
 
         # Gaussian compares the inputs themselves: theta and phi are the identity.
@@ -125,7 +139,8 @@ class NonLocalBlock2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, inner_channels={self.inner_channels}, "
-            f"mode={self.mode}, sub_sample={self.sub_sample}, use_scale={self.use_scale}"
+            f"mode={self.mode}, sub_sample={self.sub_sample}, sub_sample_input={self.sub_sample_input}, "
+            f"use_scale={self.use_scale}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,16 +224,23 @@ class NonLocalBlock2d(nn.Module):
         # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
         pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
         if self.mode == "gaussian":
-            key, value = x, self.g(x)
-            if self.sub_sample:
-                key, value = pool(key), pool(value)
+            if not self.sub_sample:
+                key, value = x, self.g(x)
+            elif self.sub_sample_input:
+                key = pool(x)
+                value = self.g(key)
+            else:
+                key, value = pool(x), pool(self.g(x))
             return _rows(x), _rows(key), _rows(value)
         x = _channels_last(x)
         # .contiguous(): a no-op for channels-last outputs, a copy should a conv kernel return another layout.
         rows = lambda t: _rows(t).contiguous()  # noqa: E731
         d = self.inner_channels
         if self.sub_sample:
-            key, value = rows(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
+            if self.sub_sample_input:
+                key, value = rows(_conv1x1(pool(x), (self.phi, self.g))).split(d, dim=-1)
+            else:
+                key, value = rows(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
             return rows(self.theta(x)), key, value
         return rows(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
 

@@ -5,7 +5,7 @@ matrix f(x_i, x_j), independently of nl_detectron's code (which it only reads th
 Wang et al., "Non-local Neural Networks", eq. 1 and 6:
     y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j),    z_i = x_i + W_z y_i,
 with f and C(x) per instantiation (section 3.2) and, with subsampling, keys j running over a 2x2
-max-pool of phi(x) and g(x) (section 3.3).
+max-pool of phi(x) and g(x) (section 3.3), or over phi and g of a 2x2 max-pool of x (the authors' code).
 """
 import math
 
@@ -51,20 +51,24 @@ def max_pool_2x2_ceil(x):
     return padded.reshape(b, c, h2, 2, w2, 2).amax(dim=(3, 5))
 
 
-def embeddings(x, weights, *, mode, sub_sample):
+def embeddings(x, weights, *, mode, sub_sample, sub_sample_input=False):
     """
     theta (B, N, d) over the query positions, phi (B, N', d) and g (B, N', C') over the key positions;
-    positions are flattened row-major (i = row * W + column).
+    positions are flattened row-major (i = row * W + column). ``sub_sample_input``: the authors' code's
+    variant, phi and g of the max-pooled x instead of the max-pool of phi(x) and g(x).
     """
     b, c, h, w = x.shape
     flat = x.reshape(b, c, h * w)
+    keys = max_pool_2x2_ceil(x) if sub_sample and sub_sample_input else x
+    hk, wk = keys.shape[-2:]
+    keys_flat = keys.reshape(b, c, hk * wk)
     if mode == "gaussian":  # f compares the inputs themselves
-        theta, phi = flat, x
+        theta, phi = flat, keys
     else:
         theta = pointwise_conv(flat, weights["theta.weight"], weights["theta.bias"])
-        phi = pointwise_conv(flat, weights["phi.weight"], weights["phi.bias"]).reshape(b, -1, h, w)
-    g = pointwise_conv(flat, weights["g.weight"], weights["g.bias"]).reshape(b, -1, h, w)
-    if sub_sample:
+        phi = pointwise_conv(keys_flat, weights["phi.weight"], weights["phi.bias"]).reshape(b, -1, hk, wk)
+    g = pointwise_conv(keys_flat, weights["g.weight"], weights["g.bias"]).reshape(b, -1, hk, wk)
+    if sub_sample and not sub_sample_input:
         phi, g = max_pool_2x2_ceil(phi), max_pool_2x2_ceil(g)
     return theta.transpose(1, 2), phi.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2)
 
@@ -107,13 +111,15 @@ def pairwise_matrix(theta, phi, weights, *, mode, use_scale, query_chunk=None):
     raise ValueError(f"mode={mode!r}: unknown")
 
 
-def reference_pairwise(x, weights, *, mode, sub_sample, use_scale, query_chunk=None):
+def reference_pairwise(x, weights, *, mode, sub_sample, use_scale, sub_sample_input=False, query_chunk=None):
     """The normalised pairwise weights (B, N, N') of the block with ``weights`` on input ``x``."""
-    theta, phi, _ = embeddings(x, weights, mode=mode, sub_sample=sub_sample)
+    theta, phi, _ = embeddings(x, weights, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input)
     return pairwise_matrix(theta, phi, weights, mode=mode, use_scale=use_scale, query_chunk=query_chunk)
 
 
-def reference_nonlocal(x, weights, *, mode, sub_sample, use_scale, norm=None, query_chunk=None):
+def reference_nonlocal(
+    x, weights, *, mode, sub_sample, use_scale, sub_sample_input=False, norm=None, query_chunk=None
+):
     """
     z = x + norm(W_z y) with y = f g, computed with the full pairwise matrix.
 
@@ -123,7 +129,7 @@ def reference_nonlocal(x, weights, *, mode, sub_sample, use_scale, norm=None, qu
         norm: a callable applied after the W_z convolution (e.g. :func:`batch_norm_eval`), or None.
     """
     b, c, h, w = x.shape
-    theta, phi, g = embeddings(x, weights, mode=mode, sub_sample=sub_sample)
+    theta, phi, g = embeddings(x, weights, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input)
     f = pairwise_matrix(theta, phi, weights, mode=mode, use_scale=use_scale, query_chunk=query_chunk)
     y = torch.einsum("bnm,bmc->bcn", f, g)  # (B, C', N)
     wy = pointwise_conv(y, weights["w_z.weight"], weights["w_z.bias"]).reshape(b, c, h, w)

@@ -85,7 +85,9 @@ def test_config_builds_with_the_expected_nonlocal_blocks(path):
     if path in TABLE5_BLOCKS:
         assert blocks == {TABLE5_BLOCKS[path]: 1024}
         assert cfg.MODEL.NONLOCAL.MODE == "embedded_gaussian"
-        assert (cfg.MODEL.NONLOCAL.REDUCTION, cfg.MODEL.NONLOCAL.SUBSAMPLE) == (2, True)
+        # The paper's 2x2 max-pool of phi(x) and g(x), not the authors' code's pooling of x.
+        nl = cfg.MODEL.NONLOCAL
+        assert (nl.REDUCTION, nl.SUBSAMPLE, nl.SUBSAMPLE_INPUT) == (2, True, False)
 
 
 def baseline_pairs():

@@ -99,6 +99,10 @@ CFG_CASES = {
         tiny_model_cfg(*nl("REDUCTION", 0)),
         ["cfg.MODEL.NONLOCAL.REDUCTION", "reduction=0", "positive integer"],
     ),
+    "pooling x without subsampling": (
+        tiny_model_cfg(*nl("SUBSAMPLE", False), *nl("SUBSAMPLE_INPUT", True)),
+        ["cfg.MODEL.NONLOCAL.SUBSAMPLE_INPUT", "sub_sample_input=True", "sub_sample=True"],
+    ),
     "block in a stage FREEZE_AT freezes": (
         tiny_model_cfg("MODEL.BACKBONE.FREEZE_AT", 4),
         ["cfg.MODEL.BACKBONE.FREEZE_AT=4", "cfg.MODEL.NONLOCAL.LOCATIONS", "res4", "FREEZE_AT < 4"],

@@ -54,13 +54,21 @@ def forward_backward(fn, x, grad_out):
     return z.detach(), x.grad
 
 
+# sub_sample, sub_sample_input: no subsampling; the paper's max-pool of phi(x) and g(x); the authors'
+# code's max-pool of x before phi and g.
+SUBSAMPLING = {"none": (False, False), "pool_phi_g": (True, False), "pool_input": (True, True)}
+
+
 @pytest.mark.parametrize("use_scale", [True, False])
-@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
-def test_matches_reference_float64(mode, sub_sample, use_scale):
+def test_matches_reference_float64(mode, subsampling, use_scale):
     gen = torch.Generator().manual_seed(0)
+    sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
     for height, width in ((5, 7), (6, 8)):  # odd sizes exercise the ceil-mode pooling
-        block = NonLocalBlock2d(16, mode=mode, sub_sample=sub_sample, use_scale=use_scale).double()
+        block = NonLocalBlock2d(
+            16, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input, use_scale=use_scale
+        ).double()
         randomize_(block, gen)
         weights = block_weights(block)
         x = torch.randn(2, 16, height, width, generator=gen, dtype=torch.float64)
@@ -68,7 +76,10 @@ def test_matches_reference_float64(mode, sub_sample, use_scale):
 
         z, x_grad = forward_backward(block, x, grad_out)
         z_ref, x_grad_ref = forward_backward(
-            lambda t: reference_nonlocal(t, weights, mode=mode, sub_sample=sub_sample, use_scale=use_scale),
+            lambda t: reference_nonlocal(
+                t, weights, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input,
+                use_scale=use_scale,
+            ),
             x,
             grad_out,
         )
@@ -377,6 +388,9 @@ BAD_ARGUMENTS = [
     (dict(in_channels=64, norm="IN"), "norm", ["'IN'", "'BN'", "'GN'"]),
     (dict(in_channels=64, norm="FrozenBN"), "norm", ["'FrozenBN'", "'BN'"]),
     (dict(in_channels=48, norm="GN"), "norm", ["'GN'", "in_channels=48"]),
+    (dict(in_channels=64, sub_sample=False, sub_sample_input=True), "sub_sample_input",
+     ["sub_sample_input=True", "sub_sample=True", "valid choices"]),
+    (dict(in_channels=64, sub_sample_input="yes"), "sub_sample_input", ["sub_sample_input='yes'", "bool"]),
     (dict(in_channels=64, reduction=3), "reduction", ["reduction=3", "in_channels=64"]),
     (dict(in_channels=64, reduction=128), "reduction", ["reduction=128", "in_channels=64"]),
     (dict(in_channels=64, reduction=0), "reduction", ["reduction=0", "positive"]),
