@@ -10,6 +10,7 @@ FLOPs and +5% inference time).
     python benchmarks/model_overhead.py --repeats 5 --json overhead.json
     python benchmarks/model_overhead.py --threads 1     # steadier timings on a machine shared with other jobs
     python benchmarks/model_overhead.py --no-train --size 400 667
+    python benchmarks/model_overhead.py MODEL.NONLOCAL.SUBSAMPLE_INPUT True   # overrides of the non-local config
 
 How it measures:
 * Weights: random initialisation of the baseline (no download), with every frozen-BN's statistics set
@@ -63,10 +64,12 @@ MODELS = tuple(CONFIGS)
 NL_BLOCK = "backbone.bottom_up.res4.nonlocal5"
 
 
-def model_cfg(name, device):
+def model_cfg(name, device, opts=()):
     cfg = get_cfg()
     add_nonlocal_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, CONFIGS[name]))
+    if name == "nonlocal":
+        cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     # The optimizer does its full arithmetic (momentum, weight decay) but leaves the weights as loaded:
@@ -92,9 +95,9 @@ def calibrate_frozen_bn(model, batch):
         h.remove()
 
 
-def build(name, device, weights_path):
+def build(name, device, weights_path, opts=()):
     """The model of ``name`` with the baseline weights saved at ``weights_path``, and its optimizer."""
-    cfg = model_cfg(name, device)
+    cfg = model_cfg(name, device, opts)
     model = build_model(cfg)
     incompatible = model.load_state_dict(torch.load(weights_path, map_location=device), strict=False)
     assert not incompatible.unexpected_keys, incompatible
@@ -289,6 +292,8 @@ def main():
                         "1 is steadier on a machine shared with other jobs")
     parser.add_argument("--no-train", action="store_true", help="skip the training steps")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="overrides of the non-local model's config, e.g. MODEL.NONLOCAL.SUBSAMPLE_INPUT True")
     args = parser.parse_args()
     args.height, args.width = args.size
     for key in ("repeats", "batch"):
@@ -309,7 +314,7 @@ def main():
         calibrate_frozen_bn(baseline, make_batch(args.batch, args.height // 2, args.width // 2, args.device))
         torch.save(baseline.state_dict(), weights_path)
         del baseline
-        models = {name: build(name, args.device, weights_path) for name in MODELS}
+        models = {name: build(name, args.device, weights_path, args.opts) for name in MODELS}
     batch = make_batch(args.batch, args.height, args.width, args.device)
     results = {name: {} for name in MODELS}
 
@@ -356,6 +361,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({
                 "machine": machine(args.device), "torch": torch.__version__, "configs": CONFIGS,
+                "nonlocal_overrides": args.opts,
                 "batch": args.batch, "size": [args.height, args.width], "warmup": args.warmup,
                 "repeats": args.repeats, "detections_per_image": detections, "nonlocal_block": diagnostics,
                 "results": results, "rows": rows,
@@ -382,7 +388,8 @@ def table_rows(results, args):
 
 
 def print_report(rows, results, diagnostics, detections, args):
-    print(f"Mask R-CNN R50-FPN: {CONFIGS['nonlocal']} vs {CONFIGS['baseline']}, same weights")
+    overrides = f" {' '.join(args.opts)}" if args.opts else ""
+    print(f"Mask R-CNN R50-FPN: {CONFIGS['nonlocal']}{overrides} vs {CONFIGS['baseline']}, same weights")
     print(f"machine: {machine(args.device)}; torch {torch.__version__}")
     print(f"input: {args.batch} image(s) of {args.height} x {args.width}; {detections} detections per image; "
           f"times: median of {args.repeats} after {args.warmup} warm-up, alternating models")

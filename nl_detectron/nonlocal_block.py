@@ -213,13 +213,12 @@ class NonLocalBlock2d(nn.Module):
         """
         query (B, N, d), key (B, N', d) and value (B, N', inner): one row per position.
 
-        theta, phi and g run as one 1x1 convolution, so that x is read once and gets one gradient instead
-        of three; with ``sub_sample`` theta runs apart, as the max-pool keeps its input for backward. The
-        convolutions run on a channels-last copy of x: oneDNN's 1x1 kernels are faster in that layout, and
-        their outputs are then one contiguous row per position, so q/k/v are column slices of them, which
-        SDPA's fused CPU kernel takes (it needs a unit stride along the channels, and otherwise falls back
-        to the math path, which materialises the N x N' matrix). ``gaussian`` compares x itself: its
-        q/k/v are views of x and g(x), which its batched matmuls take as they are.
+        theta, phi and g run as one matrix product (:func:`_pointwise_rows`), so that x is read once and
+        gets one gradient instead of three; with ``sub_sample`` theta runs apart, as the max-pool keeps its
+        input for backward. The products write one contiguous row per position, so q/k/v are column slices
+        of them, which SDPA's fused CPU kernel takes (it needs a unit stride along the channels, and
+        otherwise falls back to the math path, which materialises the N x N' matrix). ``gaussian``
+        compares x itself: its q/k/v are views of x and g(x), which its batched matmuls take as they are.
         """
         # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
         pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
@@ -232,17 +231,17 @@ class NonLocalBlock2d(nn.Module):
             else:
                 key, value = pool(x), pool(self.g(x))
             return _rows(x), _rows(key), _rows(value)
-        x = _channels_last(x)
-        # .contiguous(): a no-op for channels-last outputs, a copy should a conv kernel return another layout.
-        rows = lambda t: _rows(t).contiguous()  # noqa: E731
         d = self.inner_channels
-        if self.sub_sample:
-            if self.sub_sample_input:
-                key, value = rows(_conv1x1(pool(x), (self.phi, self.g))).split(d, dim=-1)
-            else:
-                key, value = rows(pool(_conv1x1(x, (self.phi, self.g)))).split(d, dim=-1)
-            return rows(self.theta(x)), key, value
-        return rows(_conv1x1(x, (self.theta, self.phi, self.g))).split(d, dim=-1)
+        if not self.sub_sample:
+            return _pointwise_rows(x, (self.theta, self.phi, self.g)).split(d, dim=-1)
+        if self.sub_sample_input:
+            key_value = _pointwise_rows(pool(x), (self.phi, self.g))
+        else:
+            # The rows seen as a (B, 2d, H, W) map (channels-last strides, no copy), pooled in that layout,
+            # whose rows are then contiguous again.
+            key_value = _rows(pool(_rows_to_map(_pointwise_rows(x, (self.phi, self.g)), x.shape[-2:])))
+        key, value = key_value.contiguous().split(d, dim=-1)
+        return _pointwise_rows(x, (self.theta,)), key, value
 
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
@@ -308,39 +307,64 @@ def _rows(t):
     return t.flatten(2).transpose(1, 2)
 
 
-def _channels_last(x):
-    """
-    x in channels-last layout; through :class:`_ToChannelsLast` only when a backward will run, so that
-    inference stays plain tensor ops, which torch.jit.trace can save (a Python autograd Function in a
-    traced graph cannot be serialised).
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _ToChannelsLast.apply(x)
-    return x.contiguous(memory_format=torch.channels_last)
+def _rows_to_map(rows, size):
+    """(B, H*W, C) rows -> (B, C, H, W), a view (channels-last strides when the rows are contiguous)."""
+    b, _, c = rows.shape
+    return rows.transpose(1, 2).view(b, c, *size)
 
 
-class _ToChannelsLast(torch.autograd.Function):
+def _pointwise_rows(x, convs):
     """
-    The autograd side of :func:`_channels_last`: its backward hands the gradient back in x's own layout
-    (autograd's would stay channels-last, and the layers before the block would convert it again).
+    The 1x1 convolutions ``convs`` of x (B, C, H, W), stacked along their output channels, as contiguous
+    rows (B, H*W, O): one matrix product per batch element that reads x in place, whatever its layout.
+    (A convolution would write (B, O, H, W), whose rows are strided; or it needs a channels-last copy
+    of x, which it then keeps for backward.) Through :class:`_PointwiseRows` only when a backward will
+    run, so that inference stays plain tensor ops, which torch.jit.trace and ONNX export can save.
+    """
+    weight = torch.cat([conv.weight.flatten(1) for conv in convs])  # (O, C)
+    bias = torch.cat([conv.bias for conv in convs])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
+        return _PointwiseRows.apply(x, weight, bias)
+    return _pointwise_rows_forward(x, weight, bias)
+
+
+def _pointwise_rows_forward(x, weight, bias):
+    b, c = x.shape[:2]
+    return torch.baddbmm(bias, _rows(x), weight.t().expand(b, c, weight.shape[0]))
+
+
+class _PointwiseRows(torch.autograd.Function):
+    """
+    The autograd side of :func:`_pointwise_rows`. It keeps x itself for the weights' gradient (x is alive
+    anyway: the layer before the block keeps it) and hands x's gradient back in x's own layout, so the
+    layers before the block get the gradient layout they produced.
     """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=torch.channels_last)
+        ctx.bias_dtype = bias.dtype
+        return _pointwise_rows_forward(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.memory_format)
-
-
-def _conv1x1(x, convs):
-    """The 1x1 convolutions ``convs`` of x as one convolution, their outputs stacked along the channels."""
-    weight = torch.cat([conv.weight for conv in convs])
-    bias = torch.cat([conv.bias for conv in convs])
-    return F.conv2d(x, weight, bias)
+    @once_differentiable
+    def backward(ctx, grad):  # grad: (B, N, O)
+        x, weight = ctx.saved_tensors
+        b, c = x.shape[:2]
+        # Under autocast the rows (and so grad) are in the lower precision: compute in it, as forward did.
+        weight = weight.to(grad.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # (C, O) @ (B, O, N) -> (B, C, N): NCHW-contiguous.
+            grad_x = torch.bmm(weight.t().expand(b, c, weight.shape[0]), grad.transpose(1, 2))
+            grad_x = grad_x.view(x.shape).contiguous(memory_format=ctx.memory_format)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad.transpose(1, 2), _rows(x).to(grad.dtype)).sum(0)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=(0, 1), dtype=ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias
 
 
 def _row_chunks(num_rows, chunk):

@@ -46,9 +46,10 @@ BASELINE_BACKBONES = {
     "build_resnet_nl_backbone": "build_resnet_backbone",
     "build_retinanet_resnet_fpn_nl_backbone": "build_retinanet_resnet_fpn_backbone",
 }
-# fvcore has no activation handle for the fused attention: its output is the activation, as for matmul.
+# fvcore has no activation handle for the fused attention or for baddbmm (the block's theta/phi/g
+# projections): their outputs are the activations, as for matmul and conv.
 ACTIVATION_HANDLES = {
-    "aten::scaled_dot_product_attention": generic_activation_jit("aten::scaled_dot_product_attention")
+    op: generic_activation_jit(op) for op in ("aten::scaled_dot_product_attention", "aten::baddbmm")
 }
 
 
