@@ -163,17 +163,18 @@ def build_resnet_nl_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
 @BACKBONE_REGISTRY.register()
 def build_resnet_fpn_nl_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ``build_resnet_fpn_backbone``, with the non-local blocks of ``cfg.MODEL.NONLOCAL`` in its bottom-up ResNet."""
-    _check_freeze_at(cfg)
-    fpn = build_resnet_fpn_backbone(cfg, input_shape)
-    _add_nonlocal_blocks_from_cfg(cfg, fpn.bottom_up)
-    return fpn
+    return _fpn_with_nonlocal_blocks(build_resnet_fpn_backbone, cfg, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_resnet_fpn_nl_backbone(cfg, input_shape: ShapeSpec):
     """detectron2's ``build_retinanet_resnet_fpn_backbone`` (P3-P7, for RetinaNet), with the non-local blocks of ``cfg.MODEL.NONLOCAL``."""
+    return _fpn_with_nonlocal_blocks(build_retinanet_resnet_fpn_backbone, cfg, input_shape)
+
+
+def _fpn_with_nonlocal_blocks(build_fpn, cfg, input_shape):
     _check_freeze_at(cfg)
-    fpn = build_retinanet_resnet_fpn_backbone(cfg, input_shape)
+    fpn = build_fpn(cfg, input_shape)
     _add_nonlocal_blocks_from_cfg(cfg, fpn.bottom_up)
     return fpn
 
