@@ -3,12 +3,12 @@ FLOP counting that sees the non-local block's attention.
 
 fvcore's :class:`~fvcore.nn.FlopCountAnalysis` has no handle for ``aten::scaled_dot_product_attention``,
 the fused op the embedded-Gaussian mode of :class:`~nl_detectron.NonLocalBlock2d` runs through, so it
-reports its pairwise computation as zero (with an "unsupported operator" warning). :func:`flop_count_analysis` is
-detectron2's FlopCountAnalysis with the handles of :func:`nonlocal_flop_handles` added.
+reports its pairwise computation as zero (with an "unsupported operator" warning).
+:func:`flop_count_analysis` is detectron2's FlopCountAnalysis with the handles of
+:func:`nonlocal_flop_handles` added.
 
 Convention (fvcore's and detectron2's): one multiply-add is one flop; only matrix products,
 convolutions and norms are counted; elementwise ops, softmax and max-pooling are not.
-The block's theta/phi/g projections run as one ``aten::baddbmm``, which fvcore does not know either.
 The other modes need nothing new: ``dot_product`` runs two batched ``aten::matmul`` s and
 ``concatenation`` two matrix-vector ``aten::matmul`` s and a ``ReLU(...) @ g`` ``aten::matmul``, which
 fvcore counts.
@@ -20,9 +20,7 @@ from detectron2.utils.analysis import FlopCountAnalysis
 import torch
 from fvcore.nn.jit_handles import Handle, get_shape
 
-__all__ = [
-    "baddbmm_flop_jit", "flop_count_analysis", "nonlocal_flop_handles", "scaled_dot_product_attention_flop_jit",
-]
+__all__ = ["flop_count_analysis", "nonlocal_flop_handles", "scaled_dot_product_attention_flop_jit"]
 
 
 def scaled_dot_product_attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -38,16 +36,6 @@ def scaled_dot_product_attention_flop_jit(inputs: List[Any], outputs: List[Any])
     return prod(out[:-1]) * num_keys * (head_dim + value_dim)
 
 
-def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """
-    Flops of ``aten::baddbmm(input, batch1, batch2)``: those of ``bmm(batch1, batch2)``, (B, n, k) x
-    (B, k, m) -> B * n * k * m; the added input is elementwise and not counted. The block's 1x1
-    projections (theta, phi, g) run as one.
-    """
-    batch1, batch2 = get_shape(inputs[1]), get_shape(inputs[2])
-    return prod(batch1) * batch2[-1]
-
-
 def nonlocal_flop_handles() -> Dict[str, Optional[Handle]]:
     """
     Op name -> fvcore handle for the ops of :class:`~nl_detectron.NonLocalBlock2d` that fvcore does not
@@ -56,7 +44,6 @@ def nonlocal_flop_handles() -> Dict[str, Optional[Handle]]:
     """
     return {
         "aten::scaled_dot_product_attention": scaled_dot_product_attention_flop_jit,
-        "aten::baddbmm": baddbmm_flop_jit,
         "aten::max_pool2d": None,
     }
 

@@ -235,13 +235,13 @@ class NonLocalBlock2d(nn.Module):
         if not self.sub_sample:
             return _pointwise_rows(x, (self.theta, self.phi, self.g)).split(d, dim=-1)
         if self.sub_sample_input:
-            key_value = _pointwise_rows(pool(x), (self.phi, self.g))
-        else:
-            # The rows seen as a (B, 2d, H, W) map (channels-last strides, no copy), pooled in that layout,
-            # whose rows are then contiguous again.
-            key_value = _rows(pool(_rows_to_map(_pointwise_rows(x, (self.phi, self.g)), x.shape[-2:])))
-        key, value = key_value.contiguous().split(d, dim=-1)
-        return _pointwise_rows(x, (self.theta,)), key, value
+            key, value = _pointwise_rows(pool(x), (self.phi, self.g)).split(d, dim=-1)
+            return _pointwise_rows(x, (self.theta,)), key, value
+        rows = _pointwise_rows(x, (self.theta, self.phi, self.g))
+        # phi/g's columns seen as a (B, 2d, H, W) map (channels-last strides, no copy), pooled in that
+        # layout, whose rows are then contiguous again.
+        key_value = _rows(pool(_rows_to_map(rows[..., d:], x.shape[-2:]))).contiguous()
+        return (rows[..., :d], *key_value.split(d, dim=-1))
 
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
@@ -315,29 +315,25 @@ def _rows_to_map(rows, size):
 
 def _pointwise_rows(x, convs):
     """
-    The 1x1 convolutions ``convs`` of x (B, C, H, W), stacked along their output channels, as contiguous
-    rows (B, H*W, O): one matrix product per batch element that reads x in place, whatever its layout.
-    (A convolution would write (B, O, H, W), whose rows are strided; or it needs a channels-last copy
-    of x, which it then keeps for backward.) Through :class:`_PointwiseRows` only when a backward will
-    run, so that inference stays plain tensor ops, which torch.jit.trace and ONNX export can save.
+    The 1x1 convolutions ``convs`` of x (B, C, H, W), stacked along their output channels, as rows
+    (B, H*W, O) with a unit stride along the channels. They run on a channels-last copy of x: oneDNN's
+    1x1 kernels are fastest in that layout, and write one contiguous row per position. The copy is not
+    kept for backward (:class:`_PointwiseRows` makes it again there), and that Function is used only when
+    a backward will run, so that inference stays plain tensor ops, which torch.jit.trace and ONNX export
+    can save.
     """
-    weight = torch.cat([conv.weight.flatten(1) for conv in convs])  # (O, C)
+    weight = torch.cat([conv.weight for conv in convs])  # (O, C, 1, 1)
     bias = torch.cat([conv.bias for conv in convs])
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
         return _PointwiseRows.apply(x, weight, bias)
-    return _pointwise_rows_forward(x, weight, bias)
-
-
-def _pointwise_rows_forward(x, weight, bias):
-    b, c = x.shape[:2]
-    return torch.baddbmm(bias, _rows(x), weight.t().expand(b, c, weight.shape[0]))
+    return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias))
 
 
 class _PointwiseRows(torch.autograd.Function):
     """
-    The autograd side of :func:`_pointwise_rows`. It keeps x itself for the weights' gradient (x is alive
-    anyway: the layer before the block keeps it) and hands x's gradient back in x's own layout, so the
-    layers before the block get the gradient layout they produced.
+    The autograd side of :func:`_pointwise_rows`. It keeps x itself (alive anyway: the layer before the
+    block keeps it) rather than its channels-last copy, which backward makes again, and hands x's
+    gradient back in x's own layout, so the layers before the block get the layout they produced.
     """
 
     @staticmethod
@@ -345,25 +341,23 @@ class _PointwiseRows(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        ctx.bias_dtype = bias.dtype
-        return _pointwise_rows_forward(x, weight, bias)
+        return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # grad: (B, N, O)
         x, weight = ctx.saved_tensors
-        b, c = x.shape[:2]
-        # Under autocast the rows (and so grad) are in the lower precision: compute in it, as forward did.
-        weight = weight.to(grad.dtype)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # (C, O) @ (B, O, N) -> (B, C, N): NCHW-contiguous.
-            grad_x = torch.bmm(weight.t().expand(b, c, weight.shape[0]), grad.transpose(1, 2))
-            grad_x = grad_x.view(x.shape).contiguous(memory_format=ctx.memory_format)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.bmm(grad.transpose(1, 2), _rows(x).to(grad.dtype)).sum(0)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=(0, 1), dtype=ctx.bias_dtype)
+        b, _, h, w = x.shape
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        # Under autocast the forward ran in the lower precision of grad: so does its backward.
+        x_cl, weight = x_cl.to(grad.dtype), weight.to(grad.dtype)
+        grad_map = _rows_to_map(grad.contiguous(), (h, w))  # channels-last, as the conv's output was
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_map, x_cl, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            list(ctx.needs_input_grad),
+        )
+        if grad_x is not None:
+            grad_x = grad_x.contiguous(memory_format=ctx.memory_format)
         return grad_x, grad_weight, grad_bias
 
 

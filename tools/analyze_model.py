@@ -46,10 +46,9 @@ BASELINE_BACKBONES = {
     "build_resnet_nl_backbone": "build_resnet_backbone",
     "build_retinanet_resnet_fpn_nl_backbone": "build_retinanet_resnet_fpn_backbone",
 }
-# fvcore has no activation handle for the fused attention or for baddbmm (the block's theta/phi/g
-# projections): their outputs are the activations, as for matmul and conv.
+# fvcore has no activation handle for the fused attention: its output is the activation, as for matmul.
 ACTIVATION_HANDLES = {
-    op: generic_activation_jit(op) for op in ("aten::scaled_dot_product_attention", "aten::baddbmm")
+    "aten::scaled_dot_product_attention": generic_activation_jit("aten::scaled_dot_product_attention")
 }
 
 
