@@ -213,12 +213,12 @@ class NonLocalBlock2d(nn.Module):
         """
         query (B, N, d), key (B, N', d) and value (B, N', inner): one row per position.
 
-        theta, phi and g run as one matrix product (:func:`_pointwise_rows`), so that x is read once and
-        gets one gradient instead of three; with ``sub_sample`` theta runs apart, as the max-pool keeps its
-        input for backward. The products write one contiguous row per position, so q/k/v are column slices
-        of them, which SDPA's fused CPU kernel takes (it needs a unit stride along the channels, and
-        otherwise falls back to the math path, which materialises the N x N' matrix). ``gaussian``
-        compares x itself: its q/k/v are views of x and g(x), which its batched matmuls take as they are.
+        theta, phi and g run as one 1x1 convolution (:func:`_pointwise_rows`), so that x is read once and
+        gets one gradient instead of three (with ``sub_sample_input``, phi and g run on the pooled x). The
+        convolution writes one contiguous row per position, so q/k/v are column slices of it, which
+        SDPA's fused CPU kernel takes (it needs a unit stride along the channels, and otherwise falls back
+        to the math path, which materialises the N x N' matrix). ``gaussian`` compares x itself: its
+        q/k/v are views of x and g(x), which its batched matmuls take as they are.
         """
         # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
         pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
