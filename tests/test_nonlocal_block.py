@@ -271,6 +271,23 @@ def test_embedded_gaussian_runs_the_fused_cpu_kernel(sub_sample, dtype):
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_keeps_the_input_layout(mode, subsampling, memory_format):
+    # The block works on channels-last copies and rows inside; what it returns, and the gradient it hands
+    # back, are in x's own layout, so the layers around it keep their kernels (and the block is exactly
+    # the identity at initialisation, whatever the layout).
+    sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
+    block = NonLocalBlock2d(32, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input)
+    x = torch.randn(2, 32, 7, 6).contiguous(memory_format=memory_format).requires_grad_(True)
+    z = block(x)
+    assert torch.equal(z, x)
+    assert z.is_contiguous(memory_format=memory_format)
+    z.backward(torch.randn_like(z))
+    assert x.grad.is_contiguous(memory_format=memory_format)
+
+
 def test_gaussian_keeps_one_pairwise_matrix_and_says_so_on_a_second_backward():
     # gaussian keeps its softmax weights and turns them into the logits' gradient in place: a second
     # backward through the same graph must fail loudly rather than use the overwritten weights.
