@@ -316,8 +316,9 @@ def _rows_to_map(rows, size):
 def _pointwise_rows(x, convs):
     """
     The 1x1 convolutions ``convs`` of x (B, C, H, W), stacked along their output channels, as rows
-    (B, H*W, O) with a unit stride along the channels. They run on a channels-last copy of x: oneDNN's
-    1x1 kernels are fastest in that layout, and write one contiguous row per position. The copy is not
+    (B, H*W, O), contiguous. They run on a channels-last copy of x: oneDNN's 1x1 kernels are fastest in
+    that layout, and write one contiguous row per position (.contiguous() copies only should a kernel
+    return another layout). The copy is not
     kept for backward (:class:`_PointwiseRows` makes it again there), and that Function is used only when
     a backward will run, so that inference stays plain tensor ops, which torch.jit.trace and ONNX export
     can save.
@@ -326,7 +327,7 @@ def _pointwise_rows(x, convs):
     bias = torch.cat([conv.bias for conv in convs])
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
         return _PointwiseRows.apply(x, weight, bias)
-    return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias))
+    return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias)).contiguous()
 
 
 class _PointwiseRows(torch.autograd.Function):
@@ -341,7 +342,7 @@ class _PointwiseRows(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias))
+        return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias)).contiguous()
 
     @staticmethod
     @once_differentiable
