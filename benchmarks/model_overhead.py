@@ -39,7 +39,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,8 @@ from detectron2.utils.events import EventStorage
 
 from nl_detectron import add_nonlocal_config, nonlocal_blocks
 from nl_detectron.flop_count import flop_count_analysis
+
+from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"baseline": "configs/mask_rcnn_R50.yaml", "nonlocal": "configs/mask_rcnn_nl_R50.yaml"}
@@ -173,23 +174,14 @@ class StepMeter:
             idle = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            idle = _status_kib("VmRSS") * 1024
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+            idle = status_kib("VmRSS") * 1024
+            reset_peak_rss()
         start = time.perf_counter()
         fn()
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() if self.cuda else _status_kib("VmHWM") * 1024
+        peak = torch.cuda.max_memory_allocated() if self.cuda else status_kib("VmHWM") * 1024
         return seconds, (peak - idle) / 2**20
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def alternate_runs(names, run, warmup, repeats, meter):
@@ -268,13 +260,7 @@ def count_flops(model, batch):
 def machine(device):
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
 
 
 def log(msg):

@@ -40,6 +40,8 @@ from torch import nn
 
 from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 
+from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
+
 # name: (channels, height, width, sub_sample); stride 16 (res4) and 8 (res3) of an 800 x 1333 image.
 CASES = {
     "res4-sub": (1024, 50, 84, True),
@@ -113,30 +115,21 @@ def forward_backward(module, x, grad_out):
     module(x).backward(grad_out)
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_worker(impl, mode, case):
     """Peak memory of one forward+backward, in its own process: prints a JSON line."""
     module, x, grad_out = build(impl, mode, case)
     small = x.detach()[:, :, :8, :8].clone().requires_grad_(True)
     forward_backward(module, small, torch.randn(small.shape))  # load kernels, build thread pools
     small = None
-    baseline_kib = _status_kib("VmRSS")
+    baseline_kib = status_kib("VmRSS")
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
+        reset_peak_rss()
         peak_field = "VmHWM"
     except OSError:  # no reset possible: the lifetime peak, which includes the small warm-up
         peak_field = None
     forward_backward(module, x, grad_out)
     if peak_field:
-        peak_kib = _status_kib(peak_field)
+        peak_kib = status_kib(peak_field)
     else:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_mb": (peak_kib - baseline_kib) / 1024}))
@@ -218,14 +211,8 @@ def check_same_function(mode):
 
 
 def machine():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
     }
 
