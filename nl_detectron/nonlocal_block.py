@@ -35,10 +35,11 @@ class NonLocalBlock2d(nn.Module):
 
     ``s`` is ``1/sqrt(d)`` (d: channels of the dot product) when ``use_scale``, else 1.
 
-    Only ``gaussian`` keeps an N x N' pairwise matrix for backward: ``embedded_gaussian`` runs through
-    :func:`torch.nn.functional.scaled_dot_product_attention` (its fused kernel recomputes the weights
-    in backward), ``dot_product`` computes ``theta (phi^T g) / N'`` (linear in N), and
-    ``concatenation`` works through query chunks that are recomputed in backward. ``gaussian``
+    Only ``gaussian`` on the CPU keeps an N x N' pairwise matrix for backward: ``embedded_gaussian``
+    runs through :func:`torch.nn.functional.scaled_dot_product_attention` (its fused kernel recomputes
+    the weights in backward), ``dot_product`` computes ``theta (phi^T g) / N'`` (linear in N), and
+    ``concatenation`` works through query chunks that are recomputed in backward. ``gaussian`` runs
+    through SDPA on CUDA; on the CPU, whose fused kernel needs as many value as key channels, it
     compares x itself, C channels rather than C / reduction, so recomputing its logits in backward
     would cost more time than the materialising form; it keeps the softmax weights (one N x N'
     matrix, where autograd through matmul-softmax-matmul holds three to four) and runs its backward
@@ -251,16 +252,19 @@ class NonLocalBlock2d(nn.Module):
         return (query @ w_theta.t()).squeeze(-1), (key @ w_phi.t()).squeeze(-1)
 
     def _aggregate(self, query, key, value):
-        # float16 cannot hold the dot products or sums over thousands of positions: compute in float32.
         out_dtype = query.dtype
-        if out_dtype == torch.float16:
-            query, key, value = query.float(), key.float(), value.float()
         num_keys = key.shape[1]
         if self.mode == "embedded_gaussian":
+            # float16 as it is: SDPA's fused kernels (CPU and CUDA) accumulate the dot products and the
+            # softmax in float32, so logits beyond float16's range do not overflow (tested).
             y = F.scaled_dot_product_attention(
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self._scale(query)
             ).squeeze(1)
-        elif self.mode == "gaussian":
+            return y
+        # float16 cannot hold the dot products or sums over thousands of positions: compute in float32.
+        if out_dtype == torch.float16:
+            query, key, value = query.float(), key.float(), value.float()
+        if self.mode == "gaussian":
             y = self._gaussian_aggregate(query, key, value)
         elif self.mode == "dot_product":
             # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
@@ -275,6 +279,12 @@ class NonLocalBlock2d(nn.Module):
         dtype = torch.float64 if all(t.dtype == torch.float64 for t in (query, key, value)) else torch.float32
         query, key, value = (t.to(dtype) for t in (query, key, value))
         scale = self._scale(query)
+        if query.is_cuda:
+            # CUDA's memory-efficient SDPA kernel takes C-channel logits against C/2-channel values (CPU's
+            # fused kernel needs one channel count: there the padded values cost more time than the matrix).
+            q, k, v = (t.contiguous().unsqueeze(1) for t in (query, key, value))
+            with torch.autocast("cuda", enabled=False):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale).squeeze(1)
         chunk = max(1, self.gaussian_chunk_elements // (key.shape[0] * key.shape[1]))
         with torch.autocast(query.device.type, enabled=False):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
