@@ -11,6 +11,7 @@ FLOPs and +5% inference time).
     python benchmarks/model_overhead.py --threads 1     # steadier timings on a machine shared with other jobs
     python benchmarks/model_overhead.py --no-train --size 400 667
     python benchmarks/model_overhead.py MODEL.NONLOCAL.SUBSAMPLE_INPUT True   # overrides of the non-local config
+    python benchmarks/model_overhead.py --device cuda --amp bfloat16           # on a GPU, mixed precision
 
 How it measures:
 * Weights: random initialisation of the baseline (no download), with every frozen-BN's statistics set
@@ -27,6 +28,8 @@ How it measures:
   learning rate 0 so that the weights stay the loaded ones), with the same sampling seeds for both
   models. `warmup` runs then `repeats` timed runs per model, alternating which model goes first to
   cancel drift; the median is reported. The block's own share is timed by hooks inside those runs.
+  --amp float16/bfloat16 runs both under torch.autocast, as detectron2's AMPTrainer does (without its
+  gradient scaler, which costs the same for both models).
 * Memory: measured in the same timed runs: the resident set size (VmRSS) before the call, the kernel's
   peak-RSS counter reset (writing 5 to /proc/self/clear_refs), then VmHWM - VmRSS after it: what the call
   added at its peak (activations; in training also the gradients), whatever else the process holds.
@@ -58,6 +61,7 @@ from nl_detectron import add_nonlocal_config, nonlocal_blocks
 from nl_detectron.flop_count import flop_count_analysis
 
 from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
+from _sdpa import sdpa_kernels  # benchmarks/_sdpa.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"baseline": "configs/mask_rcnn_R50.yaml", "nonlocal": "configs/mask_rcnn_nl_R50.yaml"}
@@ -228,20 +232,24 @@ class BlockTimer:
         return self.times[key][warmup: warmup + repeats]
 
 
-def attention_kernel(block, shape, device):
-    """The fused SDPA kernel the block gets at its real input size (SDPA raises when restricted to a kernel
-    that cannot run, where it would otherwise fall back silently to the math path)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def attention_kernel(block, shape, device, amp):
+    """The SDPA kernels the block's forward+backward runs at its real input size, as torch's profiler saw."""
+    x = torch.randn(shape, device=device, requires_grad=True)
 
-    x = torch.randn(shape, device=device)
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-        try:
-            with sdpa_kernel([backend]), torch.no_grad():
-                block(x)
-            return backend.name.lower()
-        except RuntimeError:
-            continue
-    return "math (materialises the N x N' matrix)"
+    def forward_backward():
+        with autocast(device, amp):
+            z = block(x)
+        z.sum().backward()
+
+    kernels = sdpa_kernels(forward_backward)
+    block.zero_grad(set_to_none=True)
+    return kernels
+
+
+def autocast(device, amp):
+    """torch.autocast in ``amp`` ("float16"/"bfloat16"), or a no-op for None."""
+    dtype = getattr(torch, amp) if amp else None
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=amp is not None)
 
 
 def count_flops(model, batch):
@@ -276,6 +284,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); "
                         "1 is steadier on a machine shared with other jobs")
+    parser.add_argument("--amp", choices=("float16", "bfloat16"), default=None,
+                        help="run inference and training steps under torch.autocast in this dtype")
     parser.add_argument("--no-train", action="store_true", help="skip the training steps")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
@@ -319,9 +329,17 @@ def main():
     block = nonlocal_blocks(models["nonlocal"][0])[NL_BLOCK]
     block_timer = BlockTimer(block, args.device)
     log("timing inference ...")
-    runs = {"inference": lambda name, i: inference(models[name][0], batch)}
+    def infer(name, i):
+        with autocast(args.device, args.amp):
+            inference(models[name][0], batch)
+
+    def step(name, i):
+        with autocast(args.device, args.amp):
+            train_step(*models[name], batch, seed=i)
+
+    runs = {"inference": infer}
     if not args.no_train:
-        runs["train_step"] = lambda name, i: train_step(*models[name], batch, seed=i)
+        runs["train_step"] = step
     for key, run in runs.items():
         if key == "train_step":
             log("timing training steps ...")
@@ -332,7 +350,7 @@ def main():
     diagnostics = {
         "input_shape": block_timer.input_shape,
         "inference_s": block_timer.timed_runs("inference", args.warmup, args.repeats),
-        "attention_kernel": attention_kernel(block, block_timer.input_shape, args.device),
+        "attention_kernel": attention_kernel(block, block_timer.input_shape, args.device, args.amp),
     }
     diagnostics["inference_share"] = med(diagnostics["inference_s"]) / med(results["nonlocal"]["inference_s"])
     if not args.no_train:
@@ -347,7 +365,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({
                 "machine": machine(args.device), "torch": torch.__version__, "configs": CONFIGS,
-                "nonlocal_overrides": args.opts,
+                "nonlocal_overrides": args.opts, "amp": args.amp,
                 "batch": args.batch, "size": [args.height, args.width], "warmup": args.warmup,
                 "repeats": args.repeats, "detections_per_image": detections, "nonlocal_block": diagnostics,
                 "results": results, "rows": rows,
@@ -376,7 +394,8 @@ def table_rows(results, args):
 def print_report(rows, results, diagnostics, detections, args):
     overrides = f" {' '.join(args.opts)}" if args.opts else ""
     print(f"Mask R-CNN R50-FPN: {CONFIGS['nonlocal']}{overrides} vs {CONFIGS['baseline']}, same weights")
-    print(f"machine: {machine(args.device)}; torch {torch.__version__}")
+    print(f"machine: {machine(args.device)}; torch {torch.__version__}; "
+          + (f"autocast {args.amp}" if args.amp else "float32"))
     print(f"input: {args.batch} image(s) of {args.height} x {args.width}; {detections} detections per image; "
           f"times: median of {args.repeats} after {args.warmup} warm-up, alternating models")
     header = f"{'':28s} {'baseline':>10s} {'non-local':>10s} {'ratio':>7s}  target"

@@ -6,6 +6,7 @@ two 800 x 1333 images. Prints the ratios ours/naive measured in one run, as a ta
     python benchmarks/nonlocal_block.py                 # every mode and case (~14 min on 2 cores)
     python benchmarks/nonlocal_block.py --quick         # res4 and res3 with subsampling, 1 round (~3 min)
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-nosub --repeats 5
+    python benchmarks/nonlocal_block.py --device cuda --dtype bfloat16   # on a GPU, under autocast
 
 Memory: each (form, mode, case) runs in a fresh subprocess, so that no measurement inherits another's
 allocator state or peak. It builds the module and its inputs, runs a small forward+backward to load the
@@ -22,6 +23,12 @@ change in the machine's load hits both alike: --repeats rounds, more (up to 9) w
 passed (not with --quick). It reports each form's median time and, as the ratio, the median of the
 rounds' ours/naive. The machine's load average is printed with the results: on a shared machine the
 ratios move by several percent from run to run.
+
+On CUDA (--device cuda) everything runs in one process: memory is torch.cuda.max_memory_allocated over
+memory_allocated before the forward+backward (exact: the caching allocator counts every tensor), time is
+wall clock around a synchronised forward+backward, in alternating rounds for at least 0.5 s. --dtype
+float16/bfloat16 runs both forms under torch.autocast, as mixed-precision training does. The SDPA kernel
+that ran is read from torch's profiler (the op names of aten's flash, efficient, cuDNN and math kernels).
 """
 import argparse
 import json
@@ -41,6 +48,7 @@ from torch import nn
 from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 
 from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
+from _sdpa import sdpa_kernels  # benchmarks/_sdpa.py
 
 # name: (channels, height, width, sub_sample); stride 16 (res4) and 8 (res3) of an 800 x 1333 image.
 CASES = {
@@ -52,6 +60,8 @@ CASES = {
 QUICK_CASES = ("res4-sub", "res3-sub")
 BATCH = 2
 MIN_TIMING_S, MAX_ROUNDS = 20.0, 9  # cases quicker than that get extra timed rounds (not with --quick)
+CUDA_MIN_TIMING_S, CUDA_MAX_ROUNDS = 0.5, 200
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IMPLS = ("ours", "naive")
 SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
 
@@ -72,11 +82,12 @@ class MaterialisedNonLocal(nn.Module):
         block = self.block
         b, _, h, w = x.shape
         theta = block.theta(x) if block.theta is not None else x
-        phi = block.phi(x) if block.phi is not None else x
-        g = block.g(x)
-        if block.sub_sample:
-            phi = F.max_pool2d(phi, 2, ceil_mode=True)
-            g = F.max_pool2d(g, 2, ceil_mode=True)
+        pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
+        keys_from = pool(x) if block.sub_sample_input else x  # the authors' order: pool x, then phi/g
+        phi = block.phi(keys_from) if block.phi is not None else keys_from
+        g = block.g(keys_from)
+        if block.sub_sample and not block.sub_sample_input:  # the paper's: phi/g, then pool
+            phi, g = pool(phi), pool(g)
         theta = theta.flatten(2).transpose(1, 2)  # (B, N, d)
         phi = phi.flatten(2)  # (B, d, N')
         g = g.flatten(2).transpose(1, 2)  # (B, N', C')
@@ -98,28 +109,31 @@ class MaterialisedNonLocal(nn.Module):
         return x + block.w_z(y)
 
 
-def build(impl, mode, case):
+def build(impl, mode, case, device="cpu"):
     channels, height, width, sub_sample = CASES[case]
     torch.manual_seed(0)
     block = NonLocalBlock2d(channels, mode=mode, sub_sample=sub_sample)
     with torch.no_grad():  # a trained-looking W_z instead of the zero initialisation
         nn.init.normal_(block.w_z.weight, std=0.01)
-    module = block if impl == "ours" else MaterialisedNonLocal(block)
-    x = torch.randn(BATCH, channels, height, width, requires_grad=True)
-    return module, x, torch.randn(x.shape)
+    module = (block if impl == "ours" else MaterialisedNonLocal(block)).to(device)
+    x = torch.randn(BATCH, channels, height, width, device=device, requires_grad=True)
+    return module, x, torch.randn(x.shape, device=device)
 
 
-def forward_backward(module, x, grad_out):
+def forward_backward(module, x, grad_out, dtype="float32"):
+    """One forward+backward; float16/bfloat16: under autocast, as mixed-precision training runs it."""
     module.zero_grad(set_to_none=True)
     x.grad = None
-    module(x).backward(grad_out)
+    with torch.autocast(x.device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
+        z = module(x)
+    z.backward(grad_out)
 
 
-def memory_worker(impl, mode, case):
+def memory_worker(impl, mode, case, dtype):
     """Peak memory of one forward+backward, in its own process: prints a JSON line."""
     module, x, grad_out = build(impl, mode, case)
     small = x.detach()[:, :, :8, :8].clone().requires_grad_(True)
-    forward_backward(module, small, torch.randn(small.shape))  # load kernels, build thread pools
+    forward_backward(module, small, torch.randn(small.shape), dtype)  # load kernels, build thread pools
     small = None
     baseline_kib = status_kib("VmRSS")
     try:
@@ -127,7 +141,7 @@ def memory_worker(impl, mode, case):
         peak_field = "VmHWM"
     except OSError:  # no reset possible: the lifetime peak, which includes the small warm-up
         peak_field = None
-    forward_backward(module, x, grad_out)
+    forward_backward(module, x, grad_out, dtype)
     if peak_field:
         peak_kib = status_kib(peak_field)
     else:
@@ -135,7 +149,7 @@ def memory_worker(impl, mode, case):
     print(json.dumps({"peak_mb": (peak_kib - baseline_kib) / 1024}))
 
 
-def time_worker(mode, case, repeats, min_timing_s):
+def time_worker(mode, case, repeats, min_timing_s, dtype):
     """
     Forward+backward times of both forms, in one process: after one warm-up pass each, they alternate
     (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike: at least
@@ -144,17 +158,44 @@ def time_worker(mode, case, repeats, min_timing_s):
     """
     forms = {impl: build(impl, mode, case) for impl in IMPLS}
     for impl in IMPLS:
-        forward_backward(*forms[impl])
+        forward_backward(*forms[impl], dtype)
     times = {impl: [] for impl in IMPLS}
     start_all = time.perf_counter()
     round_ = 0
     while round_ < repeats or (time.perf_counter() - start_all < min_timing_s and round_ < MAX_ROUNDS):
         for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
             start = time.perf_counter()
-            forward_backward(*forms[impl])
+            forward_backward(*forms[impl], dtype)
             times[impl].append(time.perf_counter() - start)
         round_ += 1
     print(json.dumps(times))
+
+
+def cuda_measure(mode, case, repeats, dtype):
+    """memory and times of both forms on the current CUDA device, in this process."""
+    forms = {impl: build(impl, mode, case, "cuda") for impl in IMPLS}
+    result = {}
+    for impl in IMPLS:
+        forward_backward(*forms[impl], dtype)  # warm-up: kernels, cuBLAS/cuDNN workspaces
+        torch.cuda.synchronize()
+        idle = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward(*forms[impl], dtype)
+        torch.cuda.synchronize()
+        result[impl] = {"peak_mb": (torch.cuda.max_memory_allocated() - idle) / 2**20, "times_s": []}
+    start_all = time.perf_counter()
+    round_ = 0
+    while round_ < repeats or (time.perf_counter() - start_all < CUDA_MIN_TIMING_S and round_ < CUDA_MAX_ROUNDS):
+        for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
+            start = time.perf_counter()
+            forward_backward(*forms[impl], dtype)
+            torch.cuda.synchronize()
+            result[impl]["times_s"].append(time.perf_counter() - start)
+        round_ += 1
+    for impl in IMPLS:
+        times = result[impl].pop("times_s")
+        result[impl].update(times_s=times, time_s=statistics.median(times), min_time_s=min(times))
+    return result
 
 
 def _subprocess(args, env=None):
@@ -165,44 +206,38 @@ def _subprocess(args, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(mode, case, repeats, min_timing_s):
+def measure(mode, case, repeats, min_timing_s, dtype):
     # Every allocation >= 128 KiB gets its own mmap and is unmapped when freed: RSS follows live memory.
     malloc_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     result = {}
     for impl in IMPLS:  # one at a time: the naive cases take up to several GB
-        result[impl] = _subprocess(["--memory-worker", impl, mode, case], env=malloc_env)
-    times = _subprocess(["--time-worker", mode, case, "--repeats", repeats, "--min-timing-s", min_timing_s])
+        result[impl] = _subprocess(["--memory-worker", impl, mode, case, "--dtype", dtype], env=malloc_env)
+    times = _subprocess(["--time-worker", mode, case, "--repeats", repeats, "--min-timing-s", min_timing_s,
+                         "--dtype", dtype])
     for impl in IMPLS:
         result[impl].update(times_s=times[impl], time_s=statistics.median(times[impl]))
         result[impl]["min_time_s"] = min(times[impl])
     return result
 
 
-def sdpa_backend(mode, case):
-    """
-    Which SDPA kernel the block's softmax modes get on this machine: restricted to the fused flash kernel,
-    SDPA raises where it would otherwise silently fall back to the math path (which materialises the matrix).
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if mode != "embedded_gaussian":
-        return {"gaussian": "none: batched matmuls, keeps the weights"}.get(mode, "none: no softmax")
-    channels, _, _, sub_sample = CASES[case]
-    block = NonLocalBlock2d(channels, mode=mode, sub_sample=sub_sample)
-    x = torch.randn(BATCH, channels, 6, 7, requires_grad=True)
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            block(x).sum().backward()
-        return "flash"
-    except RuntimeError:
-        return "math (materialises N x N')"
+def sdpa_backend(mode, case, device, dtype):
+    """The SDPA kernels our block's forward+backward runs (on the CPU on a small map of the case's channels,
+    since the choice does not depend on the size there; on CUDA at the case's size)."""
+    module, x, grad_out = build("ours", mode, case, device)
+    if device == "cpu":
+        x = x.detach()[:, :, :12, :14].clone().requires_grad_(True)
+        grad_out = grad_out[:, :, :12, :14]
+    kernels = sdpa_kernels(lambda: forward_backward(module, x, grad_out, dtype))
+    if kernels == "none":
+        return "none: " + {"gaussian": "batched matmuls, keeps the weights"}.get(mode, "no softmax")
+    return kernels
 
 
 def check_same_function(mode):
     """The naive form computes what the block does (small input, float64)."""
-    for sub_sample in (True, False):
+    for sub_sample, sub_sample_input in ((True, False), (True, True), (False, False)):
         torch.manual_seed(0)
-        block = NonLocalBlock2d(64, mode=mode, sub_sample=sub_sample).double()
+        block = NonLocalBlock2d(64, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input).double()
         with torch.no_grad():
             for p in block.parameters():
                 p.normal_(std=0.1)
@@ -210,11 +245,15 @@ def check_same_function(mode):
         torch.testing.assert_close(MaterialisedNonLocal(block)(x), block(x))
 
 
-def machine():
-    return {
+def machine(device):
+    info = {
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
     }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 def main():
@@ -226,6 +265,9 @@ def main():
         help="timed rounds at least, after a warm-up (default 3, quick cases get more; --quick: 1)",
     )
     parser.add_argument("--quick", action="store_true", help=f"cases {', '.join(QUICK_CASES)}, 1 round")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="float16/bfloat16: both forms run under torch.autocast (default float32)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--memory-worker", nargs=3, metavar=("IMPL", "MODE", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", nargs=2, metavar=("MODE", "CASE"), help=argparse.SUPPRESS)
@@ -234,20 +276,27 @@ def main():
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if repeats < 1:
         parser.error(f"--repeats={repeats}: must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if args.dtype == "float16" and args.device == "cpu":
+        parser.error("--dtype float16: autocast on the CPU takes bfloat16; valid choices there: float32, bfloat16")
     if args.memory_worker:
-        return memory_worker(*args.memory_worker)
+        return memory_worker(*args.memory_worker, args.dtype)
     if args.time_worker:
-        return time_worker(*args.time_worker, repeats, args.min_timing_s)
+        return time_worker(*args.time_worker, repeats, args.min_timing_s, args.dtype)
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
 
-    info = machine()
-    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs, torch {info['torch']} "
-          f"({info['torch_threads']} threads), load average {os.getloadavg()[0]:.1f}")
-    print(f"batch {BATCH}, forward+backward; time: median of >= {repeats} alternating rounds after a "
-          "warm-up, time o/n: median of the rounds' ratios; memory: peak RSS the forward+backward adds "
-          "(fresh process each)")
+    info = machine(args.device)
+    where = (f"{info['gpu']} (CUDA {info['cuda']})" if args.device == "cuda" else
+             f"{info['cpu']}, {info['cpu_count']} CPUs, {info['torch_threads']} threads")
+    print(f"machine: {where}, torch {info['torch']}, load average {os.getloadavg()[0]:.1f}")
+    memory = "allocated CUDA memory" if args.device == "cuda" else "peak RSS (fresh process each)"
+    print(f"batch {BATCH}, forward+backward in {args.dtype}"
+          f"{' (autocast)' if args.dtype != 'float32' else ''}; time: median of >= {repeats} alternating "
+          f"rounds after a warm-up, time o/n: median of the rounds' ratios; memory: {memory} the "
+          "forward+backward adds")
     header = (f"{'mode':17s} {'case':10s} {'ours s':>7s} {'naive s':>7s} {'time o/n':>8s} "
-              f"{'ours MB':>7s} {'naive MB':>8s} {'mem o/n':>7s}  SDPA kernel (ours, CPU)")
+              f"{'ours MB':>7s} {'naive MB':>8s} {'mem o/n':>7s}  SDPA kernel (ours)")
     print(header)
     print("-" * len(header), flush=True)
     start = time.time()
@@ -255,8 +304,11 @@ def main():
     for mode in args.modes:
         check_same_function(mode)
         for case in cases:
-            result = {"mode": mode, "case": case, "sdpa_backend": sdpa_backend(mode, case)}
-            result.update(measure(mode, case, repeats, 0.0 if args.quick else MIN_TIMING_S))
+            result = {"mode": mode, "case": case, "sdpa_backend": sdpa_backend(mode, case, args.device, args.dtype)}
+            if args.device == "cuda":
+                result.update(cuda_measure(mode, case, repeats, args.dtype))
+            else:
+                result.update(measure(mode, case, repeats, 0.0 if args.quick else MIN_TIMING_S, args.dtype))
             ours, naive = result["ours"], result["naive"]
             # Median over rounds of ours/naive, each pair timed back to back: steadier than the ratio of
             # the medians when the machine's load changes during the measurement.
@@ -272,7 +324,8 @@ def main():
     print(f"{time.time() - start:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "batch": BATCH, "repeats": repeats, "cases": {
+            json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
+                       "repeats": repeats, "cases": {
                 k: dict(zip(("channels", "height", "width", "sub_sample"), v)) for k, v in CASES.items()
             }, "results": rows}, f, indent=2)
         print(f"wrote {args.json}")
