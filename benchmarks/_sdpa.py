@@ -1,20 +1,52 @@
-"""Which scaled_dot_product_attention kernel a call runs, read from torch's profiler."""
-import torch
+"""Which scaled_dot_product_attention kernel a call runs, seen at torch's dispatcher."""
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-# aten's SDPA kernels by op name (CPU flash: _scaled_dot_product_flash_attention_for_cpu).
-_KERNELS = (
+# aten's fused SDPA kernels by op name (CPU flash: _scaled_dot_product_flash_attention_for_cpu).
+_FUSED = (
     ("_scaled_dot_product_flash_attention", "flash"),
     ("_scaled_dot_product_efficient_attention", "efficient"),
     ("_scaled_dot_product_cudnn_attention", "cudnn"),
     ("_scaled_dot_product_fused_attention_overrideable", "overrideable"),
-    ("_scaled_dot_product_attention_math", "math (materialises the N x N' matrix)"),
 )
+MATH = "math (materialises the N x N' matrix)"
+
+
+class _SdpaCalls(TorchFunctionMode):
+    """Counts F.scaled_dot_product_attention calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the names of the aten ops that run (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
 
 
 def sdpa_kernels(fn) -> str:
-    """The SDPA kernels that ``fn()`` dispatches to, forward and backward, e.g. "flash"; "none" if none."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    """
+    The SDPA kernels that ``fn()`` runs, forward and backward, e.g. "flash"; "none" without an SDPA call.
+    The math path is what remains when SDPA was called and no fused kernel ran (it decomposes into plain
+    matmul/softmax ops, which carry no name of their own).
+    """
+    with _SdpaCalls() as calls, _AtenOps() as ops:
         fn()
-    names = {event.name for event in prof.events()}
-    found = [label for op, label in _KERNELS if any(op in name for name in names)]
+    found = [label for op, label in _FUSED if any(op in name for name in ops.names)]
+    if calls.calls and not found:
+        found = [MATH]
     return ", ".join(found) or "none"

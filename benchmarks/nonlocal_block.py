@@ -295,7 +295,7 @@ def main():
           f"{' (autocast)' if args.dtype != 'float32' else ''}; time: median of >= {repeats} alternating "
           f"rounds after a warm-up, time o/n: median of the rounds' ratios; memory: {memory} the "
           "forward+backward adds")
-    header = (f"{'mode':17s} {'case':10s} {'ours s':>7s} {'naive s':>7s} {'time o/n':>8s} "
+    header = (f"{'mode':17s} {'case':10s} {'ours ms':>8s} {'naive ms':>8s} {'time o/n':>8s} "
               f"{'ours MB':>7s} {'naive MB':>8s} {'mem o/n':>7s}  SDPA kernel (ours)")
     print(header)
     print("-" * len(header), flush=True)
@@ -318,7 +318,7 @@ def main():
             result["memory_ratio"] = ours["peak_mb"] / naive["peak_mb"]
             result["load_average"] = os.getloadavg()[0]
             rows.append(result)
-            print(f"{mode:17s} {case:10s} {ours['time_s']:7.2f} {naive['time_s']:7.2f} "
+            print(f"{mode:17s} {case:10s} {1e3 * ours['time_s']:8.1f} {1e3 * naive['time_s']:8.1f} "
                   f"{result['time_ratio']:8.2f} {ours['peak_mb']:7.0f} {naive['peak_mb']:8.0f} "
                   f"{result['memory_ratio']:7.3f}  {result['sdpa_backend']}", flush=True)
     print(f"{time.time() - start:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")

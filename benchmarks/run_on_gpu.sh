@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both benchmarks and the CUDA tests on a GPU machine, in float32 and mixed precision (~4 min on an H100):
+# Both benchmarks and the CUDA tests on a GPU machine, in float32 and mixed precision (~3 min on an H100):
 #   benchmarks/run_on_gpu.sh [OUT_DIR]      # writes OUT_DIR/*.json and *.log (default: output/gpu)
 # Needs torch with CUDA, detectron2, fvcore and pycocotools importable, and this repo on PYTHONPATH (or
 # installed). Each step has its own time limit, so that one that hangs does not take the others with it.
@@ -26,3 +26,5 @@ step overhead_float32 75 "$PY" benchmarks/model_overhead.py --device cuda --warm
   --json "$out/overhead_float32.json"
 step overhead_float16 75 "$PY" benchmarks/model_overhead.py --device cuda --amp float16 --warmup 3 \
   --repeats 10 --json "$out/overhead_float16.json"
+step overhead_bfloat16 75 "$PY" benchmarks/model_overhead.py --device cuda --amp bfloat16 --warmup 3 \
+  --repeats 10 --json "$out/overhead_bfloat16.json"

@@ -49,9 +49,11 @@ class NonLocalBlock2d(nn.Module):
     the scale of the norm after W_z is zero (paper, section 4.1).
     """
 
-    # Upper bounds on the elements of one query chunk of the pairwise matrix (16 MiB in fp32) of the
-    # concatenation and gaussian modes.
+    # Upper bounds on the elements of one query chunk of the pairwise matrix of the concatenation and
+    # gaussian modes: 16 MiB in fp32 on the CPU (cache-sized); 256 MiB on CUDA, whose kernels need large
+    # work items (at 16 MiB, concatenation was 2-5x slower there on an H100 for the launch overheads).
     concat_chunk_elements = 1 << 22
+    concat_chunk_elements_cuda = 1 << 26
     gaussian_chunk_elements = 1 << 22
 
     def __init__(
@@ -261,16 +263,19 @@ class NonLocalBlock2d(nn.Module):
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self._scale(query)
             ).squeeze(1)
             return y
-        # float16 cannot hold the dot products or sums over thousands of positions: compute in float32.
-        if out_dtype == torch.float16:
-            query, key, value = query.float(), key.float(), value.float()
         if self.mode == "gaussian":
-            y = self._gaussian_aggregate(query, key, value)
-        elif self.mode == "dot_product":
-            # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
-            y = query @ (key.transpose(1, 2) @ value) / num_keys
-        else:
-            y = self._concat_aggregate(query, key, value)
+            return self._gaussian_aggregate(query, key, value).to(out_dtype)
+        # float16 cannot hold the dot products or sums over thousands of positions: compute in float32,
+        # with autocast off (it would cast the matrix products back to float16).
+        upcast = out_dtype == torch.float16
+        if upcast:
+            query, key, value = query.float(), key.float(), value.float()
+        with torch.autocast(query.device.type, enabled=not upcast and torch.is_autocast_enabled(query.device.type)):
+            if self.mode == "dot_product":
+                # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
+                y = query @ (key.transpose(1, 2) @ value) / num_keys
+            else:
+                y = self._concat_aggregate(query, key, value)
         return y.to(out_dtype)
 
     def _gaussian_aggregate(self, query, key, value):
@@ -297,7 +302,8 @@ class NonLocalBlock2d(nn.Module):
     def _concat_aggregate(self, query, key, value):
         u, v = self._concat_terms(query, key)  # (B, N), (B, N')
         b, n = u.shape
-        chunk = max(1, self.concat_chunk_elements // (b * key.shape[1]))
+        budget = self.concat_chunk_elements_cuda if value.is_cuda else self.concat_chunk_elements
+        chunk = max(1, budget // (b * key.shape[1]))
         recompute = torch.is_grad_enabled() and any(
             t.requires_grad for t in (u, v, value)
         )

@@ -10,7 +10,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 from reference_nonlocal import block_weights, reference_nonlocal
-from test_nonlocal_block import SUBSAMPLING, large_magnitude_case, max_embedded_dot_product, randomize_
+from test_nonlocal_block import (
+    AUTOCAST_BOUNDS,
+    AUTOCAST_CASES,
+    SUBSAMPLING,
+    large_magnitude_case,
+    max_embedded_dot_product,
+    randomize_,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -58,8 +65,7 @@ def test_float32_matches_the_reference(mode, subsampling):
     assert relative_error(x_gpu.grad.cpu(), x_ref.grad) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+@pytest.mark.parametrize("mode,dtype", AUTOCAST_CASES)
 def test_autocast_large_dot_products(mode, dtype):
     block, x = large_magnitude_case(mode)
     assert max_embedded_dot_product(block, x) > 65504  # beyond float16's largest finite value
@@ -68,12 +74,12 @@ def test_autocast_large_dot_products(mode, dtype):
         expected = (block(x) - x).double()
     with torch.autocast("cuda", dtype=dtype):
         z = block(x)
-    z.backward(torch.ones_like(z))
     assert z.dtype == torch.float32  # x + W_z(y): the residual add promotes
-    assert torch.isfinite(z).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(z).all()
+    assert relative_error(z - x, expected) < AUTOCAST_BOUNDS[dtype]
+    z.mean().backward()  # as in the CPU test: a mean-reduced loss
+    assert torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
-    # A few roundings to 8 (bfloat16) or 11 (float16) bits; an overflow gives inf/NaN or an error of ~1.
-    assert relative_error(z - x, expected) < 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
