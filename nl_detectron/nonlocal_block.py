@@ -49,12 +49,13 @@ class NonLocalBlock2d(nn.Module):
     the scale of the norm after W_z is zero (paper, section 4.1).
     """
 
-    # Upper bounds on the elements of one query chunk of the pairwise matrix of the concatenation and
-    # gaussian modes: 16 MiB in fp32 on the CPU (cache-sized); 256 MiB on CUDA, whose kernels need large
-    # work items (at 16 MiB, concatenation was 2-5x slower there on an H100 for the launch overheads).
+    # Upper bounds on the elements of one query chunk of the pairwise matrix: on the CPU (concatenation,
+    # gaussian) 16 MiB in fp32, cache-sized; on CUDA (concatenation, the softmax modes' chunked backward)
+    # 256 MiB, since GPU kernels need large work items (at 16 MiB, concatenation was 2-5x slower on an
+    # H100 for the launch overheads).
     concat_chunk_elements = 1 << 22
-    concat_chunk_elements_cuda = 1 << 26
     gaussian_chunk_elements = 1 << 22
+    cuda_chunk_elements = 1 << 26
 
     def __init__(
         self,
@@ -249,6 +250,16 @@ class NonLocalBlock2d(nn.Module):
     def _scale(self, query: torch.Tensor) -> float:
         return 1.0 / math.sqrt(query.shape[-1]) if self.use_scale else 1.0
 
+    def _softmax_attention(self, query, key, value):
+        """softmax(q k^T * s) v through SDPA, with the chunked backward where CUDA has no fast fused one."""
+        scale = self._scale(query)
+        if _slow_fused_backward(query):
+            chunk = max(1, self.cuda_chunk_elements // (key.shape[0] * key.shape[1]))
+            return _SdpaChunkedBackward.apply(query, key, value, scale, chunk)
+        return F.scaled_dot_product_attention(
+            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=scale
+        ).squeeze(1)
+
     def _concat_terms(self, query, key):
         w_theta, w_phi = self.concat_project.weight.to(query.dtype).chunk(2, dim=1)
         return (query @ w_theta.t()).squeeze(-1), (key @ w_phi.t()).squeeze(-1)
@@ -259,10 +270,7 @@ class NonLocalBlock2d(nn.Module):
         if self.mode == "embedded_gaussian":
             # float16 as it is: SDPA's fused kernels (CPU and CUDA) accumulate the dot products and the
             # softmax in float32, so logits beyond float16's range do not overflow (tested).
-            y = F.scaled_dot_product_attention(
-                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self._scale(query)
-            ).squeeze(1)
-            return y
+            return self._softmax_attention(query, key, value)
         if self.mode == "gaussian":
             return self._gaussian_aggregate(query, key, value).to(out_dtype)
         # float16 cannot hold the dot products or sums over thousands of positions: compute in float32,
@@ -284,12 +292,11 @@ class NonLocalBlock2d(nn.Module):
         dtype = torch.float64 if all(t.dtype == torch.float64 for t in (query, key, value)) else torch.float32
         query, key, value = (t.to(dtype) for t in (query, key, value))
         scale = self._scale(query)
-        if query.is_cuda:
+        if _on_cuda(query):
             # CUDA's memory-efficient SDPA kernel takes C-channel logits against C/2-channel values (CPU's
             # fused kernel needs one channel count: there the padded values cost more time than the matrix).
-            q, k, v = (t.contiguous().unsqueeze(1) for t in (query, key, value))
             with torch.autocast("cuda", enabled=False):
-                return F.scaled_dot_product_attention(q, k, v, scale=scale).squeeze(1)
+                return self._softmax_attention(*(t.contiguous() for t in (query, key, value)))
         chunk = max(1, self.gaussian_chunk_elements // (key.shape[0] * key.shape[1]))
         with torch.autocast(query.device.type, enabled=False):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
@@ -302,7 +309,7 @@ class NonLocalBlock2d(nn.Module):
     def _concat_aggregate(self, query, key, value):
         u, v = self._concat_terms(query, key)  # (B, N), (B, N')
         b, n = u.shape
-        budget = self.concat_chunk_elements_cuda if value.is_cuda else self.concat_chunk_elements
+        budget = self.cuda_chunk_elements if value.is_cuda else self.concat_chunk_elements
         chunk = max(1, budget // (b * key.shape[1]))
         recompute = torch.is_grad_enabled() and any(
             t.requires_grad for t in (u, v, value)
@@ -376,6 +383,65 @@ class _PointwiseRows(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.contiguous(memory_format=ctx.memory_format)
         return grad_x, grad_weight, grad_bias
+
+
+def _on_cuda(t) -> bool:
+    """Whether ``t`` is on CUDA, where the softmax modes take other paths (one place, for tests to force)."""
+    return t.is_cuda
+
+
+def _slow_fused_backward(query) -> bool:
+    """
+    Whether SDPA's backward would run CUDA's memory-efficient kernel: flash and cuDNN take 16-bit inputs
+    with at most 256 channels, so float32 and the 512-d embeddings of res4 (1024-d for gaussian) go to the
+    memory-efficient one. Its backward took 5.6 ms of the res4 block's 6.7 ms of GPU time per
+    forward+backward on an H100 (float16, batch 2, 800 x 1333), where the naive form's whole
+    forward+backward took 1.5 ms.
+    """
+    return _on_cuda(query) and torch.is_grad_enabled() and (
+        query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] > 256
+    )
+
+
+class _SdpaChunkedBackward(torch.autograd.Function):
+    """
+    softmax(q k^T * scale) v for (B, N, d) queries, (B, N', d) keys and (B, N', C') values: forward through
+    SDPA's fused kernel, which keeps nothing of size N x N'; backward over chunks of ``chunk`` query rows,
+    each recomputing its rows of the softmax from q and k (a chunk holds whole rows, so its softmax is
+    exact) and turning them into gradients with batched matrix products: the same work as the naive
+    form's backward plus one product, with one chunk's matrices alive at a time. In float32 (float64 for
+    float64 inputs), so that 16-bit logits cannot overflow.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        out = F.scaled_dot_product_attention(
+            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=scale
+        ).squeeze(1)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(query, key, value, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, out = ctx.saved_tensors
+        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q, k, v, out, grad_out = (t.to(dtype) for t in (query, key, value, out, grad_out))
+        scale = ctx.scale
+        with torch.autocast(q.device.type, enabled=False):
+            # d loss / d logits = P * (dL/dP - rowsum(P * dL/dP)), rowsum(P * dL/dP) = rowsum(dL/dout * out).
+            row_dots = (grad_out * out).sum(dim=-1, keepdim=True)
+            grad_q = torch.empty_like(q)
+            grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+            k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
+            for rows in _row_chunks(q.shape[1], ctx.chunk):
+                probs = torch.softmax(torch.bmm(q[:, rows], k_t).mul_(scale), dim=-1)  # (B, n, N')
+                grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, rows])
+                grad_logits = torch.bmm(grad_out[:, rows], v_t).sub_(row_dots[:, rows]).mul_(probs).mul_(scale)
+                grad_q[:, rows] = torch.bmm(grad_logits, k)
+                grad_k.baddbmm_(grad_logits.transpose(1, 2), q[:, rows])
+        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), None, None
 
 
 def _row_chunks(num_rows, chunk):

@@ -59,6 +59,35 @@ def forward_backward(fn, x, grad_out):
 SUBSAMPLING = {"none": (False, False), "pool_phi_g": (True, False), "pool_input": (True, True)}
 
 
+def assert_matches_reference_float64(block, gen, height, width):
+    """Output, input gradient and parameter gradients of ``block`` (float64) against the reference."""
+    mode, sub_sample, sub_sample_input = block.mode, block.sub_sample, block.sub_sample_input
+    randomize_(block, gen)
+    weights = block_weights(block)
+    x = torch.randn(2, block.in_channels, height, width, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    z, x_grad = forward_backward(block, x, grad_out)
+    z_ref, x_grad_ref = forward_backward(
+        lambda t: reference_nonlocal(
+            t, weights, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input,
+            use_scale=block.use_scale,
+        ),
+        x,
+        grad_out,
+    )
+    assert z.shape == x.shape
+    assert_close_rel(z, z_ref, 1e-6)
+    assert_close_rel(x_grad, x_grad_ref, 1e-6)
+    # Relative to the case's largest parameter gradient: in the softmax modes phi's bias has an exactly
+    # zero gradient (a query's logits all shift by theta_i . b_phi), so per-tensor relative is moot.
+    params = dict(block.named_parameters())
+    assert set(params) == {k for k, v in weights.items() if v is not None}
+    scale = max(w.grad.abs().max().item() for w in weights.values() if w is not None)
+    for name, p in params.items():
+        assert_close_rel(p.grad, weights[name].grad, 1e-6, scale=scale)
+
+
 @pytest.mark.parametrize("use_scale", [True, False])
 @pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
@@ -69,30 +98,32 @@ def test_matches_reference_float64(mode, subsampling, use_scale):
         block = NonLocalBlock2d(
             16, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input, use_scale=use_scale
         ).double()
-        randomize_(block, gen)
-        weights = block_weights(block)
-        x = torch.randn(2, 16, height, width, generator=gen, dtype=torch.float64)
-        grad_out = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        assert_matches_reference_float64(block, gen, height, width)
 
-        z, x_grad = forward_backward(block, x, grad_out)
-        z_ref, x_grad_ref = forward_backward(
-            lambda t: reference_nonlocal(
-                t, weights, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input,
-                use_scale=use_scale,
-            ),
-            x,
-            grad_out,
-        )
-        assert z.shape == x.shape
-        assert_close_rel(z, z_ref, 1e-6)
-        assert_close_rel(x_grad, x_grad_ref, 1e-6)
-        # Relative to the case's largest parameter gradient: in the softmax modes phi's bias has an exactly
-        # zero gradient (a query's logits all shift by theta_i . b_phi), so per-tensor relative is moot.
-        params = dict(block.named_parameters())
-        assert set(params) == {k for k, v in weights.items() if v is not None}
-        scale = max(w.grad.abs().max().item() for w in weights.values() if w is not None)
-        for name, p in params.items():
-            assert_close_rel(p.grad, weights[name].grad, 1e-6, scale=scale)
+
+@pytest.mark.parametrize("use_scale", [True, False])
+@pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+def test_chunked_backward_matches_reference_float64(monkeypatch, mode, subsampling, use_scale):
+    # The softmax modes' path on CUDA where flash/cuDNN cannot run (float32 or float64, embeddings over
+    # 256-d, and gaussian always): SDPA forward, backward by query chunks that recompute their softmax rows.
+    # Forced here on the CPU, with chunks of 5 query rows, so that several chunks and a ragged last one run.
+    monkeypatch.setattr(nonlocal_block, "_on_cuda", lambda t: True)
+    chunks = []
+    real_row_chunks = nonlocal_block._row_chunks
+    monkeypatch.setattr(
+        nonlocal_block, "_row_chunks", lambda n, chunk: chunks.append(chunk) or real_row_chunks(n, chunk)
+    )
+    gen = torch.Generator().manual_seed(7)
+    sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
+    block = NonLocalBlock2d(
+        16, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input, use_scale=use_scale
+    ).double()
+    height, width = 5, 7
+    num_keys = math.prod(block.key_grid(height, width))
+    block.cuda_chunk_elements = 2 * num_keys * 5
+    assert_matches_reference_float64(block, gen, height, width)
+    assert chunks == [5]  # the chunked backward ran, once, in chunks of 5 of the 35 queries
 
 
 @pytest.mark.parametrize("norm", ["BN", "GN"])
@@ -233,10 +264,25 @@ AUTOCAST_CASES = [
     for dtype in (torch.bfloat16, torch.float16) for mode in NONLOCAL_MODES
     if (mode, dtype) != ("dot_product", torch.float16)
 ]
+# The CPU paths of every mode, and the CUDA paths of the softmax modes (forced on the CPU).
+SOFTMAX_CUDA_PATHS = [(mode, "cuda") for mode in SOFTMAX_MODES]
+MODES_AND_PATHS = [(mode, "cpu") for mode in NONLOCAL_MODES] + SOFTMAX_CUDA_PATHS
+AUTOCAST_CASES_AND_PATHS = [
+    pytest.param(*case.values, path, id=f"{case.id}-{path}")
+    for case in AUTOCAST_CASES for path in ("cpu", "cuda") if (case.values[0], path) in MODES_AND_PATHS
+]
 
 
-@pytest.mark.parametrize("mode,dtype", AUTOCAST_CASES)
-def test_autocast_large_dot_products(mode, dtype):
+def force_cuda_softmax_paths(monkeypatch):
+    """Make the softmax modes take their CUDA paths on the CPU (SDPA forward, chunked backward)."""
+    monkeypatch.setattr(nonlocal_block, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
+
+
+@pytest.mark.parametrize("mode,dtype,path", AUTOCAST_CASES_AND_PATHS)
+def test_autocast_large_dot_products(monkeypatch, mode, dtype, path):
+    if path == "cuda":
+        force_cuda_softmax_paths(monkeypatch)
     block, x = large_magnitude_case(mode)
     assert max_embedded_dot_product(block, x) > 65504  # beyond float16's largest finite value
     x.requires_grad_(True)
@@ -255,8 +301,10 @@ def test_autocast_large_dot_products(mode, dtype):
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
 
 
-@pytest.mark.parametrize("mode", NONLOCAL_MODES)
-def test_autocast_bfloat16_gradients(mode):
+@pytest.mark.parametrize("mode,path", MODES_AND_PATHS)
+def test_autocast_bfloat16_gradients(monkeypatch, mode, path):
+    if path == "cuda":
+        force_cuda_softmax_paths(monkeypatch)
     # Mixed-precision training: the backward of every path (the projections' autograd Function included)
     # runs on bfloat16 gradients and hands float32 gradients to float32 inputs and parameters.
     gen = torch.Generator().manual_seed(5)

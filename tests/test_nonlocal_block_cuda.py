@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import nl_detectron.nonlocal_block as nonlocal_block
 from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 from reference_nonlocal import block_weights, reference_nonlocal
 from test_nonlocal_block import (
     AUTOCAST_BOUNDS,
     AUTOCAST_CASES,
+    SOFTMAX_MODES,
     SUBSAMPLING,
     large_magnitude_case,
     max_embedded_dot_product,
@@ -65,8 +67,18 @@ def test_float32_matches_the_reference(mode, subsampling):
     assert relative_error(x_gpu.grad.cpu(), x_ref.grad) < 1e-4
 
 
-@pytest.mark.parametrize("mode,dtype", AUTOCAST_CASES)
-def test_autocast_large_dot_products(mode, dtype):
+# Each case as the block runs it (16-bit 16-d embeddings: SDPA's own backward), and the softmax modes with
+# their chunked backward forced (what 16-bit embeddings over 256-d get).
+CASES_AND_BACKWARDS = [
+    pytest.param(*case.values, chunked, id=f"{case.id}{'-chunked' if chunked else ''}")
+    for case in AUTOCAST_CASES for chunked in (False, True) if not chunked or case.values[0] in SOFTMAX_MODES
+]
+
+
+@pytest.mark.parametrize("mode,dtype,chunked", CASES_AND_BACKWARDS)
+def test_autocast_large_dot_products(monkeypatch, mode, dtype, chunked):
+    if chunked:
+        monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
     block, x = large_magnitude_case(mode)
     assert max_embedded_dot_product(block, x) > 65504  # beyond float16's largest finite value
     block, x = block.cuda(), x.cuda().requires_grad_(True)
@@ -87,7 +99,7 @@ def test_autocast_large_dot_products(mode, dtype):
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
 def test_softmax_modes_run_a_fused_kernel(mode, channels, dtype):
     # Restricted to the fused kernels, SDPA raises instead of falling back to the math path, which
-    # materialises the N x N' matrix.
+    # materialises the N x N' matrix (the chunked backward, where it runs, calls no SDPA).
     block = NonLocalBlock2d(channels, mode=mode).cuda()
     x = torch.randn(2, channels, 12, 14, device="cuda", requires_grad=True)
     with sdpa_kernel(FUSED_KERNELS), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
