@@ -49,13 +49,14 @@ class NonLocalBlock2d(nn.Module):
     the scale of the norm after W_z is zero (paper, section 4.1).
     """
 
-    # Upper bounds on the elements of one query chunk of the pairwise matrix: on the CPU (concatenation,
-    # gaussian) 16 MiB in fp32, cache-sized; on CUDA (concatenation, the softmax modes' chunked backward)
-    # 256 MiB, since GPU kernels need large work items (at 16 MiB, concatenation was 2-5x slower on an
-    # H100 for the launch overheads).
+    # Upper bounds on the elements of one query chunk of the pairwise matrix. On the CPU 16 MiB in fp32,
+    # cache-sized. On CUDA larger, since GPU kernels need large work items (at 16 MiB, concatenation was
+    # 2-5x slower on an H100 for the launch overheads): 256 MiB for concatenation, 64 MiB for the softmax
+    # modes' chunked backward, which holds a few such matrices at once.
     concat_chunk_elements = 1 << 22
+    concat_chunk_elements_cuda = 1 << 26
     gaussian_chunk_elements = 1 << 22
-    cuda_chunk_elements = 1 << 26
+    softmax_chunk_elements_cuda = 1 << 24
 
     def __init__(
         self,
@@ -254,7 +255,7 @@ class NonLocalBlock2d(nn.Module):
         """softmax(q k^T * s) v through SDPA, with the chunked backward where CUDA has no fast fused one."""
         scale = self._scale(query)
         if _slow_fused_backward(query):
-            chunk = max(1, self.cuda_chunk_elements // (key.shape[0] * key.shape[1]))
+            chunk = max(1, self.softmax_chunk_elements_cuda // (key.shape[0] * key.shape[1]))
             return _SdpaChunkedBackward.apply(query, key, value, scale, chunk)
         return F.scaled_dot_product_attention(
             query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=scale
@@ -309,7 +310,7 @@ class NonLocalBlock2d(nn.Module):
     def _concat_aggregate(self, query, key, value):
         u, v = self._concat_terms(query, key)  # (B, N), (B, N')
         b, n = u.shape
-        budget = self.cuda_chunk_elements if value.is_cuda else self.concat_chunk_elements
+        budget = self.concat_chunk_elements_cuda if value.is_cuda else self.concat_chunk_elements
         chunk = max(1, budget // (b * key.shape[1]))
         recompute = torch.is_grad_enabled() and any(
             t.requires_grad for t in (u, v, value)
@@ -392,15 +393,14 @@ def _on_cuda(t) -> bool:
 
 def _slow_fused_backward(query) -> bool:
     """
-    Whether SDPA's backward would run CUDA's memory-efficient kernel: flash and cuDNN take 16-bit inputs
-    with at most 256 channels, so float32 and the 512-d embeddings of res4 (1024-d for gaussian) go to the
-    memory-efficient one. Its backward took 5.6 ms of the res4 block's 6.7 ms of GPU time per
-    forward+backward on an H100 (float16, batch 2, 800 x 1333), where the naive form's whole
-    forward+backward took 1.5 ms.
+    Whether SDPA's backward would be slow: on CUDA, head dims over 256 (the 512-d embeddings of res4, x's
+    channels for gaussian), which the flash and cuDNN kernels do not take, go to the memory-efficient
+    kernel's variant for any head dim. Its backward took 5.6 ms of the res4 block's 6.7 ms of GPU time
+    per forward+backward on an H100 (float16, batch 2, 800 x 1333), where the naive form's whole
+    forward+backward took 1.5 ms. (At 256-d in float32, also the memory-efficient kernel, it took about
+    the chunked backward's time with a quarter of its memory.)
     """
-    return _on_cuda(query) and torch.is_grad_enabled() and (
-        query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] > 256
-    )
+    return _on_cuda(query) and torch.is_grad_enabled() and query.shape[-1] > 256
 
 
 class _SdpaChunkedBackward(torch.autograd.Function):

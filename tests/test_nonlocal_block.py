@@ -59,6 +59,12 @@ def forward_backward(fn, x, grad_out):
 SUBSAMPLING = {"none": (False, False), "pool_phi_g": (True, False), "pool_input": (True, True)}
 
 
+def force_cuda_softmax_paths(monkeypatch):
+    """Make the softmax modes take their CUDA paths on the CPU (SDPA forward, chunked backward)."""
+    monkeypatch.setattr(nonlocal_block, "_on_cuda", lambda t: True)
+    monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
+
+
 def assert_matches_reference_float64(block, gen, height, width):
     """Output, input gradient and parameter gradients of ``block`` (float64) against the reference."""
     mode, sub_sample, sub_sample_input = block.mode, block.sub_sample, block.sub_sample_input
@@ -105,10 +111,10 @@ def test_matches_reference_float64(mode, subsampling, use_scale):
 @pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
 @pytest.mark.parametrize("mode", SOFTMAX_MODES)
 def test_chunked_backward_matches_reference_float64(monkeypatch, mode, subsampling, use_scale):
-    # The softmax modes' path on CUDA where flash/cuDNN cannot run (float32 or float64, embeddings over
-    # 256-d, and gaussian always): SDPA forward, backward by query chunks that recompute their softmax rows.
+    # The softmax modes' path on CUDA for embeddings over 256-d (res4's, and x's own for gaussian): SDPA
+    # forward, backward by query chunks that recompute their softmax rows.
     # Forced here on the CPU, with chunks of 5 query rows, so that several chunks and a ragged last one run.
-    monkeypatch.setattr(nonlocal_block, "_on_cuda", lambda t: True)
+    force_cuda_softmax_paths(monkeypatch)
     chunks = []
     real_row_chunks = nonlocal_block._row_chunks
     monkeypatch.setattr(
@@ -121,7 +127,7 @@ def test_chunked_backward_matches_reference_float64(monkeypatch, mode, subsampli
     ).double()
     height, width = 5, 7
     num_keys = math.prod(block.key_grid(height, width))
-    block.cuda_chunk_elements = 2 * num_keys * 5
+    block.softmax_chunk_elements_cuda = 2 * num_keys * 5
     assert_matches_reference_float64(block, gen, height, width)
     assert chunks == [5]  # the chunked backward ran, once, in chunks of 5 of the 35 queries
 
@@ -271,12 +277,6 @@ AUTOCAST_CASES_AND_PATHS = [
     pytest.param(*case.values, path, id=f"{case.id}-{path}")
     for case in AUTOCAST_CASES for path in ("cpu", "cuda") if (case.values[0], path) in MODES_AND_PATHS
 ]
-
-
-def force_cuda_softmax_paths(monkeypatch):
-    """Make the softmax modes take their CUDA paths on the CPU (SDPA forward, chunked backward)."""
-    monkeypatch.setattr(nonlocal_block, "_on_cuda", lambda t: True)
-    monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
 
 
 @pytest.mark.parametrize("mode,dtype,path", AUTOCAST_CASES_AND_PATHS)

@@ -105,3 +105,26 @@ def test_softmax_modes_run_a_fused_kernel(mode, channels, dtype):
     with sdpa_kernel(FUSED_KERNELS), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         block(x).sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "mode,channels,chunked",
+    [("embedded_gaussian", 1024, True), ("embedded_gaussian", 512, False), ("gaussian", 512, True)],
+)
+def test_backward_over_256_channels_goes_by_chunks(monkeypatch, mode, channels, chunked):
+    # Head dims over 256 (res4's 512-d embeddings, x's channels for gaussian) get the chunked backward;
+    # res3's 256-d embeddings keep SDPA's own (flash/cuDNN in 16-bit).
+    calls = []
+    real_apply = nonlocal_block._SdpaChunkedBackward.apply
+    monkeypatch.setattr(
+        nonlocal_block._SdpaChunkedBackward, "apply", lambda *args: calls.append(1) or real_apply(*args)
+    )
+    block = NonLocalBlock2d(channels, mode=mode).cuda()
+    x = torch.randn(2, channels, 12, 14, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        z = block(x)
+    z.sum().backward()
+    assert len(calls) == (1 if chunked else 0)
+    with torch.no_grad():  # inference: SDPA's fused forward alone
+        block(x)
+    assert len(calls) == (1 if chunked else 0)
