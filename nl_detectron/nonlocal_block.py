@@ -1,4 +1,5 @@
 """The non-local block of Wang et al., "Non-local Neural Networks" (CVPR 2018), for 2-D feature maps."""
+import contextlib
 import math
 from typing import Tuple
 
@@ -279,7 +280,7 @@ class NonLocalBlock2d(nn.Module):
         upcast = out_dtype == torch.float16
         if upcast:
             query, key, value = query.float(), key.float(), value.float()
-        with torch.autocast(query.device.type, enabled=not upcast and torch.is_autocast_enabled(query.device.type)):
+        with torch.autocast(query.device.type, enabled=False) if upcast else contextlib.nullcontext():
             if self.mode == "dot_product":
                 # (theta phi^T) g / N' == theta (phi^T g) / N': never forms the N x N' matrix.
                 y = query @ (key.transpose(1, 2) @ value) / num_keys
