@@ -40,13 +40,19 @@ class _AtenOps(TorchDispatchMode):
 
 def sdpa_kernels(fn) -> str:
     """
-    The SDPA kernels that ``fn()`` runs, forward and backward, e.g. "flash"; "none" without an SDPA call.
+    The SDPA kernels that ``fn()`` runs, e.g. "flash" (forward and backward), "efficient (forward only)"
+    (the block's chunked backward on CUDA), "none" without an SDPA call.
     The math path is what remains when SDPA was called and no fused kernel ran (it decomposes into plain
     matmul/softmax ops, which carry no name of their own).
     """
     with _SdpaCalls() as calls, _AtenOps() as ops:
         fn()
-    found = [label for op, label in _FUSED if any(op in name for name in ops.names)]
+    found = []
+    for op, label in _FUSED:
+        forward = any(op in name and not name.endswith("_backward") for name in ops.names)
+        backward = any(op in name and name.endswith("_backward") for name in ops.names)
+        if forward or backward:
+            found.append(label if forward == backward else f"{label} ({'forward' if forward else 'backward'} only)")
     if calls.calls and not found:
         found = [MATH]
     return ", ".join(found) or "none"
