@@ -12,14 +12,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import print_csv_format
 from detectron2.utils.events import EventStorage, JSONWriter
 from detectron2.utils.logger import setup_logger
 
 from nl_detectron import add_nonlocal_config
-from nl_detectron.data import SHAPES_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
@@ -119,21 +117,12 @@ def test_a_backbone_the_paper_does_not_have_and_a_run_without_results(tmp_path):
         tool.main(["--pair", a, str(empty)])
 
 
-def _register_two_val_images():
-    name = "nl_shapes_val_first2"
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: DatasetCatalog.get("nl_shapes_val")[:2])
-        MetadataCatalog.get(name).set(thing_classes=list(SHAPES_CLASSES), evaluator_type="coco")
-    return name
-
-
-def test_reads_what_train_net_writes_and_train_net_writes_tensorboard_events(tmp_path):
+def test_reads_what_train_net_writes_and_train_net_writes_tensorboard_events(tmp_path, two_val_images):
     train_net = _load("train_net")
-    val = _register_two_val_images()
     run = str(tmp_path / "nonlocal")
     args = default_argument_parser().parse_args([
         "--config-file", os.path.join(REPO, "configs", "quick", "tiny_mask_rcnn_nl_R18.yaml"),
-        "OUTPUT_DIR", run, "DATASETS.TEST", f"('{val}',)",
+        "OUTPUT_DIR", run, "DATASETS.TEST", f"('{two_val_images}',)",
         "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1000", "SOLVER.BASE_LR", "0.0001",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
     ])

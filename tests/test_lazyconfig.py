@@ -7,12 +7,10 @@ import os
 import torch
 
 from detectron2.config import LazyConfig, get_cfg, instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 
 from nl_detectron import add_nonlocal_config, nonlocal_blocks
-from nl_detectron.data import SHAPES_CLASSES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZY_CONFIG = os.path.join(REPO, "configs", "mask_rcnn_nl_R50.py")
@@ -51,18 +49,8 @@ def _load_tool():
     return module
 
 
-def _register_two_val_images():
-    """A 2-image slice of nl_shapes_val, so that the end-of-training evaluation takes seconds."""
-    name = "nl_shapes_val_first2"
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: DatasetCatalog.get("nl_shapes_val")[:2])
-        MetadataCatalog.get(name).set(thing_classes=list(SHAPES_CLASSES), evaluator_type="coco")
-    return name
-
-
-def test_lazyconfig_train_net_trains_evaluates_and_writes_detectron2_logs(tmp_path):
+def test_lazyconfig_train_net_trains_evaluates_and_writes_detectron2_logs(tmp_path, two_val_images):
     tool = _load_tool()
-    val = _register_two_val_images()
     opts = (
         [
             # The R50 config as it is, on the built-in dataset, at 64 px, for two iterations.
@@ -71,7 +59,7 @@ def test_lazyconfig_train_net_trains_evaluates_and_writes_detectron2_logs(tmp_pa
             "optimizer.lr=1e-6",  # random R50 with FrozenBN has huge losses: keep the model finite "model.roi_heads.num_classes=3",
             "model.proposal_generator.post_nms_topk=[100,20]", "model.roi_heads.box_predictor.test_topk_per_image=5",
             "model.roi_heads.box_predictor.test_score_thresh=-1.0",  # keep even 0-score boxes of an untrained model
-            "dataloader.train.dataset.names=nl_shapes_train", f"dataloader.test.dataset.names={val}",
+            "dataloader.train.dataset.names=nl_shapes_train", f"dataloader.test.dataset.names={two_val_images}",
             "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
             "dataloader.test.num_workers=0",
             "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
