@@ -149,30 +149,41 @@ def memory_worker(impl, mode, case, dtype):
     print(json.dumps({"peak_mb": (peak_kib - baseline_kib) / 1024}))
 
 
-def time_worker(mode, case, repeats, min_timing_s, dtype):
+def alternating_times(forms, dtype, repeats, min_timing_s, max_rounds):
     """
-    Forward+backward times of both forms, in one process: after one warm-up pass each, they alternate
-    (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike: at least
-    ``repeats`` rounds, more for quick cases until ``min_timing_s`` have passed (at most MAX_ROUNDS).
-    Prints a JSON line of the per-run times.
+    {impl: [seconds]} of forward+backward of both forms, after one warm-up pass each: they alternate
+    (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike, for at
+    least ``repeats`` rounds, more for quick cases until ``min_timing_s`` have passed (at most
+    ``max_rounds``). On CUDA each run is synchronised.
     """
-    forms = {impl: build(impl, mode, case) for impl in IMPLS}
+    def run(impl):
+        module, x, grad_out = forms[impl]
+        forward_backward(module, x, grad_out, dtype)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
     for impl in IMPLS:
-        forward_backward(*forms[impl], dtype)
+        run(impl)
     times = {impl: [] for impl in IMPLS}
     start_all = time.perf_counter()
     round_ = 0
-    while round_ < repeats or (time.perf_counter() - start_all < min_timing_s and round_ < MAX_ROUNDS):
+    while round_ < repeats or (time.perf_counter() - start_all < min_timing_s and round_ < max_rounds):
         for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
             start = time.perf_counter()
-            forward_backward(*forms[impl], dtype)
+            run(impl)
             times[impl].append(time.perf_counter() - start)
         round_ += 1
-    print(json.dumps(times))
+    return times
+
+
+def time_worker(mode, case, repeats, min_timing_s, dtype):
+    """Forward+backward times of both forms (CPU), in one process: prints a JSON line of the per-run times."""
+    forms = {impl: build(impl, mode, case) for impl in IMPLS}
+    print(json.dumps(alternating_times(forms, dtype, repeats, min_timing_s, MAX_ROUNDS)))
 
 
 def cuda_measure(mode, case, repeats, dtype):
-    """memory and times of both forms on the current CUDA device, in this process."""
+    """Memory and times of both forms on the current CUDA device, in this process."""
     forms = {impl: build(impl, mode, case, "cuda") for impl in IMPLS}
     result = {}
     for impl in IMPLS:
@@ -182,19 +193,10 @@ def cuda_measure(mode, case, repeats, dtype):
         torch.cuda.reset_peak_memory_stats()
         forward_backward(*forms[impl], dtype)
         torch.cuda.synchronize()
-        result[impl] = {"peak_mb": (torch.cuda.max_memory_allocated() - idle) / 2**20, "times_s": []}
-    start_all = time.perf_counter()
-    round_ = 0
-    while round_ < repeats or (time.perf_counter() - start_all < CUDA_MIN_TIMING_S and round_ < CUDA_MAX_ROUNDS):
-        for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
-            start = time.perf_counter()
-            forward_backward(*forms[impl], dtype)
-            torch.cuda.synchronize()
-            result[impl]["times_s"].append(time.perf_counter() - start)
-        round_ += 1
+        result[impl] = {"peak_mb": (torch.cuda.max_memory_allocated() - idle) / 2**20}
+    times = alternating_times(forms, dtype, repeats, CUDA_MIN_TIMING_S, CUDA_MAX_ROUNDS)
     for impl in IMPLS:
-        times = result[impl].pop("times_s")
-        result[impl].update(times_s=times, time_s=statistics.median(times), min_time_s=min(times))
+        result[impl].update(times_s=times[impl], time_s=statistics.median(times[impl]), min_time_s=min(times[impl]))
     return result
 
 
