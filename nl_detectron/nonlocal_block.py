@@ -38,7 +38,8 @@ class NonLocalBlock2d(nn.Module):
 
     Only ``gaussian`` on the CPU keeps an N x N' pairwise matrix for backward: ``embedded_gaussian``
     runs through :func:`torch.nn.functional.scaled_dot_product_attention` (its fused kernel recomputes
-    the weights in backward), ``dot_product`` computes ``theta (phi^T g) / N'`` (linear in N), and
+    the weights in backward; on CUDA, for embeddings over 256-d, so does a backward of ours that works
+    through query chunks, see :func:`_slow_fused_backward`), ``dot_product`` computes ``theta (phi^T g) / N'`` (linear in N), and
     ``concatenation`` works through query chunks that are recomputed in backward. ``gaussian`` runs
     through SDPA on CUDA; on the CPU, whose fused kernel needs as many value as key channels, it
     compares x itself, C channels rather than C / reduction, so recomputing its logits in backward
@@ -81,8 +82,9 @@ class NonLocalBlock2d(nn.Module):
                 after phi and g). Same key grid, a quarter of the phi/g multiply-adds, different values
                 (max-pooling does not commute with a convolution).
             use_scale: scale the softmax logits by 1/sqrt(d). The paper does not; the authors'
-                released code does, and unscaled logits of 512-d embeddings saturate the softmax and
-                overflow float16, hence the default True. Only used by the softmax modes.
+                released code does, and unscaled logits of 512-d embeddings saturate the softmax (and
+                overflow float16 wherever they are materialised), hence the default True. Only used by
+                the softmax modes.
             norm: norm after W_z, by detectron2's name (one of :data:`NONLOCAL_NORMS`); "" for none.
         """
         super().__init__()
