@@ -233,7 +233,7 @@ class BlockTimer:
 
 
 def attention_kernel(block, shape, device, amp):
-    """The SDPA kernels the block's forward+backward runs at its real input size, as torch's profiler saw."""
+    """The SDPA kernels the block's forward+backward runs at its real input size (benchmarks/_sdpa.py)."""
     x = torch.randn(shape, device=device, requires_grad=True)
 
     def forward_backward():

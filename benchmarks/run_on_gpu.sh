@@ -13,7 +13,7 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, its output to t
   local name=$1 limit=$2
   shift 2
   echo "=== $name: $*"
-  timeout "$limit" "$@" 2>&1 | grep -v -e '^USDT:' -e 'FutureWarning' -e 'warnings.warn' | tee "$out/$name.log"
+  timeout "$limit" "$@" 2>&1 | grep -v -e 'FutureWarning' -e 'warnings.warn' | tee "$out/$name.log"
   echo "=== $name: exit ${PIPESTATUS[0]}"
 }
 "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())'
