@@ -39,13 +39,14 @@ class NonLocalBlock2d(nn.Module):
     Only ``gaussian`` on the CPU keeps an N x N' pairwise matrix for backward: ``embedded_gaussian``
     runs through :func:`torch.nn.functional.scaled_dot_product_attention` (its fused kernel recomputes
     the weights in backward; on CUDA, for embeddings over 256-d, so does a backward of ours that works
-    through query chunks, see :func:`_slow_fused_backward`), ``dot_product`` computes ``theta (phi^T g) / N'`` (linear in N), and
-    ``concatenation`` works through query chunks that are recomputed in backward. ``gaussian`` runs
-    through SDPA on CUDA; on the CPU, whose fused kernel needs as many value as key channels, it
-    compares x itself, C channels rather than C / reduction, so recomputing its logits in backward
-    would cost more time than the materialising form; it keeps the softmax weights (one N x N'
-    matrix, where autograd through matmul-softmax-matmul holds three to four) and runs its backward
-    through query chunks. :meth:`pairwise_weights` materialises the matrix when one wants to see it.
+    through query chunks, see :func:`_slow_fused_backward`), ``dot_product`` computes
+    ``theta (phi^T g) / N'`` (linear in N), and ``concatenation`` works through query chunks that are
+    recomputed in backward. ``gaussian`` runs through SDPA on CUDA; on the CPU, whose fused kernel needs
+    as many value as key channels, it compares x itself, C channels rather than C / reduction, so
+    recomputing its logits in backward would cost more time than the materialising form; it keeps the
+    softmax weights (one N x N' matrix, where autograd through matmul-softmax-matmul holds three to
+    four) and runs its backward through query chunks. :meth:`pairwise_weights` materialises the matrix
+    when one wants to see it.
 
     The block is an identity mapping at initialisation: W_z is zero when ``norm`` is empty, otherwise
     the scale of the norm after W_z is zero (paper, section 4.1).
@@ -260,9 +261,7 @@ class NonLocalBlock2d(nn.Module):
         if _slow_fused_backward(query):
             chunk = max(1, self.softmax_chunk_elements_cuda // (key.shape[0] * key.shape[1]))
             return _SdpaChunkedBackward.apply(query, key, value, scale, chunk)
-        return F.scaled_dot_product_attention(
-            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=scale
-        ).squeeze(1)
+        return _sdpa_rows(query, key, value, scale)
 
     def _concat_terms(self, query, key):
         w_theta, w_phi = self.concat_project.weight.to(query.dtype).chunk(2, dim=1)
@@ -345,15 +344,19 @@ def _pointwise_rows(x, convs):
     The 1x1 convolutions ``convs`` of x (B, C, H, W), stacked along their output channels, as rows
     (B, H*W, O), contiguous. They run on a channels-last copy of x: oneDNN's 1x1 kernels are fastest in
     that layout, and write one contiguous row per position (.contiguous() copies only should a kernel
-    return another layout). The copy is not
-    kept for backward (:class:`_PointwiseRows` makes it again there), and that Function is used only when
-    a backward will run, so that inference stays plain tensor ops, which torch.jit.trace and ONNX export
-    can save.
+    return another layout). The copy is not kept for backward (:class:`_PointwiseRows` makes it again
+    there), and that Function is used only when a backward will run, so that inference stays plain tensor
+    ops, which torch.jit.trace and ONNX export can save.
     """
     weight = torch.cat([conv.weight for conv in convs])  # (O, C, 1, 1)
     bias = torch.cat([conv.bias for conv in convs])
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
         return _PointwiseRows.apply(x, weight, bias)
+    return _conv1x1_rows(x, weight, bias)
+
+
+def _conv1x1_rows(x, weight, bias):
+    """conv2d(x, weight, bias) on a channels-last copy of x, as contiguous rows (B, H*W, O)."""
     return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias)).contiguous()
 
 
@@ -369,7 +372,7 @@ class _PointwiseRows(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        return _rows(F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias)).contiguous()
+        return _conv1x1_rows(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -387,6 +390,13 @@ class _PointwiseRows(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.contiguous(memory_format=ctx.memory_format)
         return grad_x, grad_weight, grad_bias
+
+
+def _sdpa_rows(query, key, value, scale):
+    """SDPA on (B, N, d) / (B, N', d) / (B, N', C') rows, as one attention head: (B, N, C')."""
+    return F.scaled_dot_product_attention(
+        query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=scale
+    ).squeeze(1)
 
 
 def _on_cuda(t) -> bool:
@@ -418,9 +428,7 @@ class _SdpaChunkedBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):
-        out = F.scaled_dot_product_attention(
-            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=scale
-        ).squeeze(1)
+        out = _sdpa_rows(query, key, value, scale)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, out)
         return out
