@@ -59,10 +59,15 @@ def forward_backward(fn, x, grad_out):
 SUBSAMPLING = {"none": (False, False), "pool_phi_g": (True, False), "pool_input": (True, True)}
 
 
+def force_chunked_backward(monkeypatch):
+    """Make the softmax modes use the chunked backward wherever they run on CUDA (any head dim)."""
+    monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
+
+
 def force_cuda_softmax_paths(monkeypatch):
     """Make the softmax modes take their CUDA paths on the CPU (SDPA forward, chunked backward)."""
     monkeypatch.setattr(nonlocal_block, "_on_cuda", lambda t: True)
-    monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
+    force_chunked_backward(monkeypatch)
 
 
 def assert_matches_reference_float64(block, gen, height, width):
@@ -271,8 +276,7 @@ AUTOCAST_CASES = [
     if (mode, dtype) != ("dot_product", torch.float16)
 ]
 # The CPU paths of every mode, and the CUDA paths of the softmax modes (forced on the CPU).
-SOFTMAX_CUDA_PATHS = [(mode, "cuda") for mode in SOFTMAX_MODES]
-MODES_AND_PATHS = [(mode, "cpu") for mode in NONLOCAL_MODES] + SOFTMAX_CUDA_PATHS
+MODES_AND_PATHS = [(mode, "cpu") for mode in NONLOCAL_MODES] + [(mode, "cuda") for mode in SOFTMAX_MODES]
 AUTOCAST_CASES_AND_PATHS = [
     pytest.param(*case.values, path, id=f"{case.id}-{path}")
     for case in AUTOCAST_CASES for path in ("cpu", "cuda") if (case.values[0], path) in MODES_AND_PATHS

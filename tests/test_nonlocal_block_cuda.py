@@ -16,6 +16,7 @@ from test_nonlocal_block import (
     AUTOCAST_CASES,
     SOFTMAX_MODES,
     SUBSAMPLING,
+    force_chunked_backward,
     large_magnitude_case,
     max_embedded_dot_product,
     randomize_,
@@ -49,7 +50,7 @@ MODES_AND_BACKWARDS = [(mode, False) for mode in NONLOCAL_MODES] + [(mode, True)
 @pytest.mark.parametrize("mode,chunked", MODES_AND_BACKWARDS)
 def test_float32_matches_the_reference(monkeypatch, mode, chunked, subsampling):
     if chunked:
-        monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
+        force_chunked_backward(monkeypatch)
     sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
     gen = torch.Generator().manual_seed(6)
     block = randomize_(
@@ -85,7 +86,7 @@ CASES_AND_BACKWARDS = [
 @pytest.mark.parametrize("mode,dtype,chunked", CASES_AND_BACKWARDS)
 def test_autocast_large_dot_products(monkeypatch, mode, dtype, chunked):
     if chunked:
-        monkeypatch.setattr(nonlocal_block, "_slow_fused_backward", lambda query: torch.is_grad_enabled())
+        force_chunked_backward(monkeypatch)
     block, x = large_magnitude_case(mode)
     assert max_embedded_dot_product(block, x) > 65504  # beyond float16's largest finite value
     block, x = block.cuda(), x.cuda().requires_grad_(True)
