@@ -28,7 +28,7 @@ On CUDA (--device cuda) everything runs in one process: memory is torch.cuda.max
 memory_allocated before the forward+backward (exact: the caching allocator counts every tensor), time is
 wall clock around a synchronised forward+backward, in alternating rounds for at least 0.5 s. --dtype
 float16/bfloat16 runs both forms under torch.autocast, as mixed-precision training does. The SDPA kernel
-that ran is read from torch's profiler (the op names of aten's flash, efficient, cuDNN and math kernels).
+that ran is read at torch's dispatcher (benchmarks/_sdpa.py: the op names of aten's fused kernels).
 """
 import argparse
 import json
@@ -183,7 +183,7 @@ def time_worker(mode, case, repeats, min_timing_s, dtype):
 
 
 def cuda_measure(mode, case, repeats, dtype):
-    """Memory and times of both forms on the current CUDA device, in this process."""
+    """Peak memory and per-round times of both forms on the current CUDA device, in this process."""
     forms = {impl: build(impl, mode, case, "cuda") for impl in IMPLS}
     result = {}
     for impl in IMPLS:
@@ -196,7 +196,7 @@ def cuda_measure(mode, case, repeats, dtype):
         result[impl] = {"peak_mb": (torch.cuda.max_memory_allocated() - idle) / 2**20}
     times = alternating_times(forms, dtype, repeats, CUDA_MIN_TIMING_S, CUDA_MAX_ROUNDS)
     for impl in IMPLS:
-        result[impl].update(times_s=times[impl], time_s=statistics.median(times[impl]), min_time_s=min(times[impl]))
+        result[impl]["times_s"] = times[impl]
     return result
 
 
@@ -217,8 +217,7 @@ def measure(mode, case, repeats, min_timing_s, dtype):
     times = _subprocess(["--time-worker", mode, case, "--repeats", repeats, "--min-timing-s", min_timing_s,
                          "--dtype", dtype])
     for impl in IMPLS:
-        result[impl].update(times_s=times[impl], time_s=statistics.median(times[impl]))
-        result[impl]["min_time_s"] = min(times[impl])
+        result[impl]["times_s"] = times[impl]
     return result
 
 
@@ -281,7 +280,8 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     if args.dtype == "float16" and args.device == "cpu":
-        parser.error("--dtype float16: autocast on the CPU takes bfloat16; valid choices there: float32, bfloat16")
+        parser.error("--dtype float16 is for --device cuda (mixed precision on the CPU is bfloat16); "
+                     "valid choices on the CPU: float32, bfloat16")
     if args.memory_worker:
         return memory_worker(*args.memory_worker, args.dtype)
     if args.time_worker:
@@ -312,6 +312,8 @@ def main():
             else:
                 result.update(measure(mode, case, repeats, 0.0 if args.quick else MIN_TIMING_S, args.dtype))
             ours, naive = result["ours"], result["naive"]
+            for form in (ours, naive):
+                form.update(time_s=statistics.median(form["times_s"]), min_time_s=min(form["times_s"]))
             # Median over rounds of ours/naive, each pair timed back to back: steadier than the ratio of
             # the medians when the machine's load changes during the measurement.
             result["time_ratio"] = statistics.median(
