@@ -244,8 +244,12 @@ class NonLocalBlock2d(nn.Module):
         if not self.sub_sample:
             return _pointwise_rows(x, (self.theta, self.phi, self.g)).split(d, dim=-1)
         if self.sub_sample_input:
-            key, value = _pointwise_rows(pool(x), (self.phi, self.g)).split(d, dim=-1)
-            return _pointwise_rows(x, (self.theta,)), key, value
+            # In inference, pool a channels-last copy of x, which theta's convolution then reads too: the
+            # CPU's max-pool is ~20x faster in that layout (0.5 vs 8.6 ms at res4). With autograd the pool
+            # would keep that copy for its backward (x itself is kept anyway): pool x then.
+            source = x if torch.is_grad_enabled() else x.contiguous(memory_format=torch.channels_last)
+            key, value = _pointwise_rows(pool(source), (self.phi, self.g)).split(d, dim=-1)
+            return _pointwise_rows(source, (self.theta,)), key, value
         rows = _pointwise_rows(x, (self.theta, self.phi, self.g))
         # phi/g's columns seen as a (B, 2d, H, W) map (channels-last strides, no copy), pooled in that
         # layout, whose rows are then contiguous again.

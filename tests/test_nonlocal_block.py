@@ -90,6 +90,8 @@ def assert_matches_reference_float64(block, gen, height, width):
     assert z.shape == x.shape
     assert_close_rel(z, z_ref, 1e-6)
     assert_close_rel(x_grad, x_grad_ref, 1e-6)
+    with torch.no_grad():  # inference has paths of its own (e.g. sub_sample_input's channels-last pooling)
+        assert_close_rel(block(x), z_ref, 1e-6)
     # Relative to the case's largest parameter gradient: in the softmax modes phi's bias has an exactly
     # zero gradient (a query's logits all shift by theta_i . b_phi), so per-tensor relative is moot.
     params = dict(block.named_parameters())
@@ -200,7 +202,7 @@ def test_identity_at_initialisation_then_learns(mode, norm):
     assert (block(x) - x).abs().max() > 1e-4
 
 
-def res4_case(mode, sub_sample):
+def res4_case(mode):
     """Sizes of ResNet res4 (stride 16) for a batch of two 800 x 1333 images, 1024 channels."""
     if mode == "concatenation":
         # The literal reference builds the (B, 2C', N, N') tensor of concatenated pairs: 36 GB at the res4
@@ -210,20 +212,23 @@ def res4_case(mode, sub_sample):
 
 
 @pytest.mark.parametrize(
-    "mode,sub_sample",
-    [(m, True) for m in NONLOCAL_MODES] + [("embedded_gaussian", False)],
+    "mode,subsampling",
+    [(m, "pool_phi_g") for m in NONLOCAL_MODES]
+    + [("embedded_gaussian", "none"), ("embedded_gaussian", "pool_input")],
 )
-def test_float32_res4_sizes(mode, sub_sample):
+def test_float32_res4_sizes(mode, subsampling):
     gen = torch.Generator().manual_seed(2)
-    b, c, h, w = res4_case(mode, sub_sample)
-    block = randomize_(NonLocalBlock2d(c, mode=mode, sub_sample=sub_sample), gen)
+    sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
+    b, c, h, w = res4_case(mode)
+    block = NonLocalBlock2d(c, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input)
+    randomize_(block, gen)
     x = torch.randn(b, c, h, w, generator=gen)
     with torch.no_grad():
         residual = block(x) - x
         # Ground truth in float64 from the same float32 weights and input.
         reference = reference_nonlocal(
             x.double(), block_weights(block, torch.float64), mode=mode, sub_sample=sub_sample,
-            use_scale=True, query_chunk=64,
+            sub_sample_input=sub_sample_input, use_scale=True, query_chunk=64,
         ) - x.double()
     # float32 keeps 24 bits (6e-8 relative); sums over 1024 channels and up to 4200 keys grow the rounding
     # error to ~1e-6 of the output's scale (measured: at most 1.5e-6). 1e-5 leaves margin but still
