@@ -21,6 +21,7 @@ model.backbone.bottom_up = L(add_nonlocal_blocks)(
     mode="embedded_gaussian",
     reduction=2,
     sub_sample=True,
+    sub_sample_input=True,  # max-pool x before phi/g, as the authors' code (see the YAML twin)
     use_scale=True,
     norm="",
 )

@@ -38,7 +38,9 @@ def test_python_config_builds_the_same_model_as_the_yaml_one():
     assert str(lazy) == str(yaml)  # every layer's hyper-parameters, as their reprs print them
     (name, block), = nonlocal_blocks(lazy).items()
     assert name == "backbone.bottom_up.res4.nonlocal5"  # right before the last of ResNet-50's 6 res4 blocks
-    assert (block.mode, block.inner_channels, block.sub_sample, block.use_scale) == ("embedded_gaussian", 512, True, True)
+    assert (block.mode, block.inner_channels, block.sub_sample, block.sub_sample_input, block.use_scale) == (
+        "embedded_gaussian", 512, True, True, True
+    )
 
 
 def _load_tool():
