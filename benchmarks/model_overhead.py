@@ -26,8 +26,10 @@ How it measures:
 * Time: wall clock of an eval forward under no_grad (inference), and of a training step as detectron2's
   SimpleTrainer runs it (forward with losses, backward, SGD step of detectron2's build_optimizer, at
   learning rate 0 so that the weights stay the loaded ones), with the same sampling seeds for both
-  models. `warmup` runs then `repeats` timed runs per model, alternating which model goes first to
-  cancel drift; the median is reported. The block's own share is timed by hooks inside those runs.
+  models. `warmup` runs then `repeats` timed rounds, each running both models back to back, alternating
+  which goes first to cancel drift; each model's median is reported, and as the ratio the median of the
+  rounds' ratios (as benchmarks/nonlocal_block.py does: steadier than the ratio of the medians when the
+  machine's load moves during the run). The block's own share is timed by hooks inside those runs.
   --amp float16/bfloat16 runs both under torch.autocast, as detectron2's AMPTrainer does (without its
   gradient scaler, which costs the same for both models).
 * Memory: measured in the same timed runs: the resident set size (VmRSS) before the call, the kernel's
@@ -377,18 +379,26 @@ def table_rows(results, args):
     """[(metric, baseline, non-local, ratio, target ratio or None)]."""
     b, n = results["baseline"], results["nonlocal"]
     med = statistics.median
+
+    def times(key, target):  # medians; ratio: the median of the rounds' ratios
+        return med(b[key]), med(n[key]), med(nv / bv for bv, nv in zip(b[key], n[key])), target
+
+    def ratio_of(bv, nv, target=None):
+        return bv, nv, nv / bv, target
+
     rows = [
-        ("FLOPs, whole model (G)", b["flops"]["total"] / 1e9, n["flops"]["total"] / 1e9, 1.05),
-        ("FLOPs, backbone (G)", b["flops"]["backbone"] / 1e9, n["flops"]["backbone"] / 1e9, None),
-        ("parameters (M)", b["params"] / 1e6, n["params"] / 1e6, None),
-        ("inference (s)", med(b["inference_s"]), med(n["inference_s"]), 1.05),
+        ("FLOPs, whole model (G)", *ratio_of(b["flops"]["total"] / 1e9, n["flops"]["total"] / 1e9, 1.05)),
+        ("FLOPs, backbone (G)", *ratio_of(b["flops"]["backbone"] / 1e9, n["flops"]["backbone"] / 1e9)),
+        ("parameters (M)", *ratio_of(b["params"] / 1e6, n["params"] / 1e6)),
+        ("inference (s)", *times("inference_s", 1.05)),
     ]
     if "train_step_s" in b:
-        rows.append(("training step (s)", med(b["train_step_s"]), med(n["train_step_s"]), None))
-    rows.append(("peak memory, inference (MB)", med(b["inference_peak_mb"]), med(n["inference_peak_mb"]), None))
+        rows.append(("training step (s)", *times("train_step_s", None)))
+    rows.append(("peak memory, inference (MB)", *ratio_of(med(b["inference_peak_mb"]), med(n["inference_peak_mb"]))))
     if "train_step_s" in b:
-        rows.append(("peak memory, train step (MB)", med(b["train_step_peak_mb"]), med(n["train_step_peak_mb"]), None))
-    return [(m, bv, nv, nv / bv, target) for m, bv, nv, target in rows]
+        rows.append(("peak memory, train step (MB)",
+                     *ratio_of(med(b["train_step_peak_mb"]), med(n["train_step_peak_mb"]))))
+    return rows
 
 
 def print_report(rows, results, diagnostics, detections, args):
@@ -397,7 +407,8 @@ def print_report(rows, results, diagnostics, detections, args):
     print(f"machine: {machine(args.device)}; torch {torch.__version__}; "
           + (f"autocast {args.amp}" if args.amp else "float32"))
     print(f"input: {args.batch} image(s) of {args.height} x {args.width}; {detections} detections per image; "
-          f"times: median of {args.repeats} after {args.warmup} warm-up, alternating models")
+          f"times: median of {args.repeats} after {args.warmup} warm-up, alternating models; time ratios: "
+          "median of the rounds' ratios")
     header = f"{'':28s} {'baseline':>10s} {'non-local':>10s} {'ratio':>7s}  target"
     print(header)
     print("-" * len(header))

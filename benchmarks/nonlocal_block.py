@@ -6,6 +6,7 @@ two 800 x 1333 images. Prints the ratios ours/naive measured in one run, as a ta
     python benchmarks/nonlocal_block.py                 # every mode and case (~14 min on 2 cores)
     python benchmarks/nonlocal_block.py --quick         # res4 and res3 with subsampling, 1 round (~3 min)
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-nosub --repeats 5
+    python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-poolx res3-poolx  # Table 5's pooling
     python benchmarks/nonlocal_block.py --device cuda --dtype bfloat16   # on a GPU, under autocast
 
 Memory: each (form, mode, case) runs in a fresh subprocess, so that no measurement inherits another's
@@ -50,13 +51,18 @@ from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
 from _sdpa import sdpa_kernels  # benchmarks/_sdpa.py
 
-# name: (channels, height, width, sub_sample); stride 16 (res4) and 8 (res3) of an 800 x 1333 image.
+# name: (channels, height, width, sub_sample, sub_sample_input); stride 16 (res4) and 8 (res3) of an
+# 800 x 1333 image. "-sub": the paper's max-pool of phi(x) and g(x) (the block's default); "-poolx": the
+# authors' max-pool of x before phi and g (the Table 5 configs'), run only when asked for (--cases).
 CASES = {
-    "res4-sub": (1024, 50, 84, True),
-    "res4-nosub": (1024, 50, 84, False),
-    "res3-sub": (512, 100, 168, True),
-    "res3-nosub": (512, 100, 168, False),
+    "res4-sub": (1024, 50, 84, True, False),
+    "res4-nosub": (1024, 50, 84, False, False),
+    "res3-sub": (512, 100, 168, True, False),
+    "res3-nosub": (512, 100, 168, False, False),
+    "res4-poolx": (1024, 50, 84, True, True),
+    "res3-poolx": (512, 100, 168, True, True),
 }
+DEFAULT_CASES = ("res4-sub", "res4-nosub", "res3-sub", "res3-nosub")
 QUICK_CASES = ("res4-sub", "res3-sub")
 BATCH = 2
 MIN_TIMING_S, MAX_ROUNDS = 20.0, 9  # cases quicker than that get extra timed rounds (not with --quick)
@@ -110,9 +116,9 @@ class MaterialisedNonLocal(nn.Module):
 
 
 def build(impl, mode, case, device="cpu"):
-    channels, height, width, sub_sample = CASES[case]
+    channels, height, width, sub_sample, sub_sample_input = CASES[case]
     torch.manual_seed(0)
-    block = NonLocalBlock2d(channels, mode=mode, sub_sample=sub_sample)
+    block = NonLocalBlock2d(channels, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input)
     with torch.no_grad():  # a trained-looking W_z instead of the zero initialisation
         nn.init.normal_(block.w_z.weight, std=0.01)
     module = (block if impl == "ours" else MaterialisedNonLocal(block)).to(device)
@@ -286,7 +292,7 @@ def main():
         return memory_worker(*args.memory_worker, args.dtype)
     if args.time_worker:
         return time_worker(*args.time_worker, repeats, args.min_timing_s, args.dtype)
-    cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
+    cases = args.cases or list(QUICK_CASES if args.quick else DEFAULT_CASES)
 
     info = machine(args.device)
     where = (f"{info['gpu']} (CUDA {info['cuda']})" if args.device == "cuda" else
@@ -330,7 +336,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
                        "repeats": repeats, "cases": {
-                k: dict(zip(("channels", "height", "width", "sub_sample"), v)) for k, v in CASES.items()
+                k: dict(zip(("channels", "height", "width", "sub_sample", "sub_sample_input"), v))
+                for k, v in CASES.items() if k in cases
             }, "results": rows}, f, indent=2)
         print(f"wrote {args.json}")
 
