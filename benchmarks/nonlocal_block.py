@@ -3,7 +3,7 @@ Time and peak memory of NonLocalBlock2d's forward+backward against the naive for
 N x N' pairwise matrix (as mmcv's NonLocal2d does), with the same weights, on the feature maps of a batch of
 two 800 x 1333 images. Prints the ratios ours/naive measured in one run, as a table and (--json) as JSON.
 
-    python benchmarks/nonlocal_block.py                 # every mode and case (~14 min on 2 cores)
+    python benchmarks/nonlocal_block.py                 # every mode and case (~20 min on 2 cores)
     python benchmarks/nonlocal_block.py --quick         # res4 and res3 with subsampling, 1 round (~3 min)
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-nosub --repeats 5
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-poolx res3-poolx  # Table 5's pooling
@@ -53,7 +53,7 @@ from _sdpa import sdpa_kernels  # benchmarks/_sdpa.py
 
 # name: (channels, height, width, sub_sample, sub_sample_input); stride 16 (res4) and 8 (res3) of an
 # 800 x 1333 image. "-sub": the paper's max-pool of phi(x) and g(x) (the block's default); "-poolx": the
-# authors' max-pool of x before phi and g (the Table 5 configs'), run only when asked for (--cases).
+# authors' max-pool of x before phi and g (the Table 5 configs').
 CASES = {
     "res4-sub": (1024, 50, 84, True, False),
     "res4-nosub": (1024, 50, 84, False, False),
@@ -62,7 +62,6 @@ CASES = {
     "res4-poolx": (1024, 50, 84, True, True),
     "res3-poolx": (512, 100, 168, True, True),
 }
-DEFAULT_CASES = ("res4-sub", "res4-nosub", "res3-sub", "res3-nosub")
 QUICK_CASES = ("res4-sub", "res3-sub")
 BATCH = 2
 MIN_TIMING_S, MAX_ROUNDS = 20.0, 9  # cases quicker than that get extra timed rounds (not with --quick)
@@ -292,7 +291,7 @@ def main():
         return memory_worker(*args.memory_worker, args.dtype)
     if args.time_worker:
         return time_worker(*args.time_worker, repeats, args.min_timing_s, args.dtype)
-    cases = args.cases or list(QUICK_CASES if args.quick else DEFAULT_CASES)
+    cases = args.cases or list(QUICK_CASES if args.quick else CASES)
 
     info = machine(args.device)
     where = (f"{info['gpu']} (CUDA {info['cuda']})" if args.device == "cuda" else
