@@ -167,9 +167,7 @@ class NonLocalBlock2d(nn.Module):
         # block's, keeps it: a channels-last output from an NCHW input would send every later layer down
         # other conv kernels, and the block would no longer be the exact identity at initialisation.
         y = _rows_to_map(y.contiguous(), (h, w))  # channels-last strides, a view
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        y = y if channels_last else _nchw_contiguous(y)
-        out = self.w_z(y)
+        out = self.w_z(_to_memory_format(y, _memory_format(x)))
         # In place into W_z's fresh output (no backward keeps it) instead of allocating another x-sized
         # tensor; out of place where autocast made it lower precision than x.
         return out.add_(x) if out.dtype == x.dtype else x + out
@@ -343,14 +341,21 @@ def _rows_to_map(rows, size):
     return rows.transpose(1, 2).view(b, c, *size)
 
 
-def _nchw_contiguous(t):
+def _memory_format(t):
+    """channels_last for a (B, C, H, W) tensor in that layout (and not NCHW-contiguous too), else NCHW's."""
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _to_memory_format(t, memory_format):
     """
-    ``t`` (B, C, H, W) as an NCHW-contiguous tensor. From channels-last on the CPU, one 2-D transposed
-    copy per sample: torch's CPU copy runs those as a blocked transpose, ~5x faster than its strided copy
-    of the 4-D tensor (x's size at res4, batch 2: 6.6 vs 29 ms).
+    ``t`` (B, C, H, W) contiguous in ``memory_format``. From channels-last to NCHW on the CPU, one 2-D
+    transposed copy per sample: torch's CPU copy runs those as a blocked transpose, ~5x faster than its
+    strided copy of the 4-D tensor (x's size at res4, batch 2: 6.6 vs 29 ms).
     """
-    if t.is_cuda or t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
-        return t.contiguous()
+    if (memory_format != torch.contiguous_format or t.is_cuda or t.is_contiguous()
+            or not t.is_contiguous(memory_format=torch.channels_last)):
+        return t.contiguous(memory_format=memory_format)
     b, c, h, w = t.shape
     out, src = t.new_empty(b, c, h * w), t.flatten(2)  # src: strides (H*W*C, 1, C), a view
     for i in range(b):  # indexing, not iterating: autograd refuses in-place copies into unbind's views
@@ -389,8 +394,7 @@ class _PointwiseRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ctx.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        ctx.memory_format = _memory_format(x)
         return _conv1x1_rows(x, weight, bias)
 
     @staticmethod
@@ -407,10 +411,7 @@ class _PointwiseRows(torch.autograd.Function):
             list(ctx.needs_input_grad),
         )
         if grad_x is not None:
-            grad_x = (
-                _nchw_contiguous(grad_x) if ctx.memory_format == torch.contiguous_format
-                else grad_x.contiguous(memory_format=ctx.memory_format)
-            )
+            grad_x = _to_memory_format(grad_x, ctx.memory_format)
         return grad_x, grad_weight, grad_bias
 
 
