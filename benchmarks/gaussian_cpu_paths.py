@@ -39,8 +39,8 @@ def naive(q, k, v, scale):
 def keep_one_matrix(q, k, v, scale):
     chunk = max(1, CHUNK_ELEMENTS // (k.shape[0] * k.shape[1]))
     block = max(1, math.isqrt(CHUNK_ELEMENTS // k.shape[0]))
-    symmetric = q.shape[1] == k.shape[1]  # no subsampling: the keys are the queries, as in the block
-    return _SoftmaxAttentionKeepingWeights.apply(q, None if symmetric else k, v, scale, chunk, block)
+    # No subsampling: the keys are the queries (one leaf, see forward_backward), passed as None as the block does.
+    return _SoftmaxAttentionKeepingWeights.apply(q, None if k is q else k, v, scale, chunk, block)
 
 
 def sdpa_padded(q, k, v, scale):

@@ -10,7 +10,7 @@ FLOPs and +5% inference time).
     python benchmarks/model_overhead.py --repeats 5 --json overhead.json
     python benchmarks/model_overhead.py --threads 1     # steadier timings on a machine shared with other jobs
     python benchmarks/model_overhead.py --no-train --size 400 667
-    python benchmarks/model_overhead.py MODEL.NONLOCAL.SUBSAMPLE_INPUT True   # overrides of the non-local config
+    python benchmarks/model_overhead.py MODEL.NONLOCAL.SUBSAMPLE_INPUT False  # overrides of the non-local config
     python benchmarks/model_overhead.py --device cuda --amp bfloat16           # on a GPU, mixed precision
 
 How it measures:
@@ -291,7 +291,7 @@ def main():
     parser.add_argument("--no-train", action="store_true", help="skip the training steps")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="overrides of the non-local model's config, e.g. MODEL.NONLOCAL.SUBSAMPLE_INPUT True")
+                        help="overrides of the non-local model's config, e.g. MODEL.NONLOCAL.SUBSAMPLE_INPUT False")
     args = parser.parse_args()
     args.height, args.width = args.size
     for key in ("repeats", "batch"):
