@@ -1,7 +1,7 @@
 """``cfg.MODEL.NONLOCAL``: the config keys of the non-local backbones, and their translation to arguments."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_nonlocal_config", "nonlocal_block_kwargs"]
+__all__ = ["add_nonlocal_config", "nonlocal_block_kwargs", "nonlocal_keypoint_head_kwargs"]
 
 
 def add_nonlocal_config(cfg):
@@ -28,6 +28,7 @@ def add_nonlocal_config(cfg):
     # Norm after W_z. "" (none, W_z zero-initialised) suits detection's 2 images per GPU and frozen
     # backbone BN, as the authors' "affine" configs do; "BN"/"SyncBN"/"GN" start with a zero scale.
     _C.MODEL.NONLOCAL.NORM = ""
+    _add_keypoint_head_config(_C)
 
 
 def nonlocal_block_kwargs(cfg):
@@ -41,4 +42,40 @@ def nonlocal_block_kwargs(cfg):
         sub_sample_input=nl.SUBSAMPLE_INPUT,
         use_scale=nl.USE_SCALE,
         norm=nl.NORM,
+    )
+
+
+def _add_keypoint_head_config(cfg):
+    """
+    ``cfg.MODEL.NONLOCAL.KEYPOINT_HEAD``: the blocks of the ``KRCNNConvDeconvUpsampleNLHead`` keypoint head
+    (nl_detectron/keypoint_head.py), read only when ``MODEL.ROI_KEYPOINT_HEAD.NAME`` names it. The defaults
+    are the paper's Table 6 head: 4 embedded-Gaussian blocks, one after every 2 of the 8 convolutions.
+    """
+    head = cfg.MODEL.NONLOCAL.KEYPOINT_HEAD = CN()
+    # Convolutions (1-based, as detectron2 names them conv_fcn1..conv_fcnN) after whose ReLU a block goes;
+    # the block after conv_fcn{k} is nonlocal{k}.
+    head.AFTER_CONVS = [2, 4, 6, 8]
+    head.MODE = "embedded_gaussian"
+    head.REDUCTION = 2
+    # No subsampling by default: on a 14 x 14 RoI map the pairwise term is a small part of a block's cost
+    # (the 1x1 embeddings dominate), while 2x2-pooled keys (7 x 7) would coarsen what keypoints need most,
+    # position. The paper does not say what it did here.
+    head.SUBSAMPLE = False
+    head.SUBSAMPLE_INPUT = False
+    head.USE_SCALE = True
+    # The head has no norm layers (detectron2's has none either): W_z zero-initialised, as the backbone's.
+    head.NORM = ""
+
+
+def nonlocal_keypoint_head_kwargs(cfg):
+    """``after_convs`` and the :class:`~nl_detectron.NonLocalBlock2d` arguments of ``cfg.MODEL.NONLOCAL.KEYPOINT_HEAD``."""
+    head = cfg.MODEL.NONLOCAL.KEYPOINT_HEAD
+    return dict(
+        after_convs=list(head.AFTER_CONVS),
+        mode=head.MODE,
+        reduction=head.REDUCTION,
+        sub_sample=head.SUBSAMPLE,
+        sub_sample_input=head.SUBSAMPLE_INPUT,
+        use_scale=head.USE_SCALE,
+        norm=head.NORM,
     )

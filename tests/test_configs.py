@@ -1,5 +1,5 @@
 """Every config in configs/: loads, builds, has the expected non-local blocks, and differs from its
-baseline only in the non-local backbone, so that the comparison of Table 5 is fair."""
+baseline only in the non-local backbone and keypoint head, so that the comparisons of Tables 5 and 6 are fair."""
 import glob
 import os
 
@@ -29,10 +29,21 @@ TABLE5_BLOCKS = {
     "mask_rcnn_nl_R101.yaml": "backbone.bottom_up.res4.nonlocal22",
     "mask_rcnn_nl_X152.yaml": "backbone.bottom_up.res4.nonlocal35",
 }
+# Table 6 (Keypoint R-CNN R101-FPN): 4 blocks in the keypoint head, one after every 2 of its 8 convolutions
+# (all 512-d), and for the last row Table 5's backbone block too.
+HEAD_BLOCKS = {f"roi_heads.keypoint_head.nonlocal{k}": 512 for k in (2, 4, 6, 8)}
+TABLE6_BLOCKS = {
+    "keypoint_rcnn_R101.yaml": {},
+    "keypoint_rcnn_nl_head_R101.yaml": HEAD_BLOCKS,
+    "keypoint_rcnn_nl_R101.yaml": dict(HEAD_BLOCKS, **{"backbone.bottom_up.res4.nonlocal22": 1024}),
+}
+NL_KEYPOINT_HEAD = "KRCNNConvDeconvUpsampleNLHead"
 # Residual blocks of res2..res5 (He et al., Table 1).
 STAGE_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 # Keys that may differ between a non-local config and its baseline.
-NONLOCAL_ONLY_KEYS = [("MODEL", "BACKBONE", "NAME"), ("MODEL", "NONLOCAL"), ("OUTPUT_DIR",)]
+NONLOCAL_ONLY_KEYS = [
+    ("MODEL", "BACKBONE", "NAME"), ("MODEL", "ROI_KEYPOINT_HEAD", "NAME"), ("MODEL", "NONLOCAL"), ("OUTPUT_DIR",)
+]
 
 
 def load(path, directory=CONFIG_DIR):
@@ -42,18 +53,32 @@ def load(path, directory=CONFIG_DIR):
     return cfg
 
 
-def is_nonlocal(cfg):
+def has_nonlocal_backbone(cfg):
     return cfg.MODEL.BACKBONE.NAME in NL_BACKBONE_OF.values()
 
 
+def has_nonlocal_keypoint_head(cfg):
+    return cfg.MODEL.KEYPOINT_ON and cfg.MODEL.ROI_KEYPOINT_HEAD.NAME == NL_KEYPOINT_HEAD
+
+
+def is_nonlocal(cfg):
+    return has_nonlocal_backbone(cfg) or has_nonlocal_keypoint_head(cfg)
+
+
 def expected_blocks(cfg):
-    """{module name: in_channels} of the blocks cfg.MODEL.NONLOCAL.LOCATIONS asks for."""
+    """{module name: in_channels} of the blocks cfg.MODEL.NONLOCAL.LOCATIONS and .KEYPOINT_HEAD ask for."""
+    blocks = {}
+    if has_nonlocal_keypoint_head(cfg):
+        conv_dims = cfg.MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS
+        for k in cfg.MODEL.NONLOCAL.KEYPOINT_HEAD.AFTER_CONVS:
+            blocks[f"roi_heads.keypoint_head.nonlocal{k}"] = conv_dims[k - 1]
+    if not has_nonlocal_backbone(cfg):
+        return blocks
     resnets = cfg.MODEL.RESNETS
     prefix = "backbone." if cfg.MODEL.BACKBONE.NAME == "build_resnet_nl_backbone" else "backbone.bottom_up."
     out_channels = {f"res{k}": resnets.RES2_OUT_CHANNELS * 2 ** (k - 2) for k in range(2, 6)}
     previous_out = {"res2": resnets.STEM_OUT_CHANNELS, "res3": out_channels["res2"],
                     "res4": out_channels["res3"], "res5": out_channels["res4"]}
-    blocks = {}
     for stage, index in cfg.MODEL.NONLOCAL.LOCATIONS:
         index %= STAGE_BLOCKS[resnets.DEPTH][int(stage[3]) - 2]
         blocks[f"{prefix}{stage}.nonlocal{index}"] = out_channels[stage] if index else previous_out[stage]
@@ -82,6 +107,17 @@ def test_config_builds_with_the_expected_nonlocal_blocks(path):
         assert blocks == {}
         return
     assert blocks == expected_blocks(cfg)
+    if path in TABLE6_BLOCKS:
+        assert blocks == TABLE6_BLOCKS[path]
+        # Forward order: the backbone's block, then the head's after conv_fcn2, 4, 6, 8.
+        assert list(nonlocal_blocks(model)) == sorted(TABLE6_BLOCKS[path], key=lambda n: (not n.startswith("backbone"), n))
+        head = cfg.MODEL.NONLOCAL.KEYPOINT_HEAD
+        assert (head.MODE, head.REDUCTION, head.SUBSAMPLE) == ("embedded_gaussian", 2, False)
+        if "keypoint_head" in "".join(blocks):
+            names = [n for n, _ in model.roi_heads.keypoint_head.named_children()]
+            # Each block right after its convolution's ReLU, before the next convolution.
+            for k in (2, 4, 6, 8):
+                assert names[names.index(f"conv_fcn_relu{k}") + 1] == f"nonlocal{k}"
     if path in TABLE5_BLOCKS:
         assert blocks == {TABLE5_BLOCKS[path]: 1024}
         assert cfg.MODEL.NONLOCAL.MODE == "embedded_gaussian"
@@ -96,23 +132,32 @@ def baseline_pairs():
     pairs = []
     for path in CONFIGS:
         head, name = os.path.split(path)
-        baseline = os.path.join(head, name.replace("_nl_", "_"))
+        baseline = os.path.join(head, name.replace("_nl_head_", "_").replace("_nl_", "_"))
         if "_nl_" in name and baseline in CONFIGS:
             pairs.append((path, baseline))
     return pairs
 
 
-def test_table5_configs_have_their_baselines():
+def test_table5_and_table6_configs_have_their_baselines():
     assert set(TABLE5_BLOCKS) <= {nl for nl, _ in baseline_pairs()}
+    assert set(TABLE6_BLOCKS) - {"keypoint_rcnn_R101.yaml"} <= {nl for nl, _ in baseline_pairs()}
+
+
+def assert_nonlocal_only_in_backbone_and_head(nl, baseline):
+    backbone, head = nl.MODEL.BACKBONE.NAME, nl.MODEL.ROI_KEYPOINT_HEAD.NAME
+    assert backbone in (baseline.MODEL.BACKBONE.NAME, NL_BACKBONE_OF[baseline.MODEL.BACKBONE.NAME])
+    assert head == baseline.MODEL.ROI_KEYPOINT_HEAD.NAME or (
+        baseline.MODEL.ROI_KEYPOINT_HEAD.NAME == "KRCNNConvDeconvUpsampleHead" and head == NL_KEYPOINT_HEAD
+    )
+    assert without(nl, NONLOCAL_ONLY_KEYS) == without(baseline, NONLOCAL_ONLY_KEYS)
 
 
 @pytest.mark.parametrize("nl_path, baseline_path", baseline_pairs())
 def test_nonlocal_config_equals_its_baseline_but_for_the_backbone(nl_path, baseline_path):
     nl, baseline = load(nl_path), load(baseline_path)
-    assert not is_nonlocal(baseline)
-    assert nl.MODEL.BACKBONE.NAME == NL_BACKBONE_OF[baseline.MODEL.BACKBONE.NAME]
+    assert not is_nonlocal(baseline) and is_nonlocal(nl)
     assert nl.OUTPUT_DIR != baseline.OUTPUT_DIR  # runs do not overwrite each other
-    assert without(nl, NONLOCAL_ONLY_KEYS) == without(baseline, NONLOCAL_ONLY_KEYS)
+    assert_nonlocal_only_in_backbone_and_head(nl, baseline)
 
 
 # Non-local configs without a baseline file here: their baseline is the model-zoo recipe they name.
@@ -134,8 +179,8 @@ def test_every_coco_nonlocal_config_has_a_baseline():
 @pytest.mark.parametrize("nl_path", sorted(NL_ZOO_BASELINES))
 def test_nonlocal_config_equals_its_model_zoo_baseline_but_for_the_backbone(nl_path):
     nl, baseline = load(nl_path), load(NL_ZOO_BASELINES[nl_path], ZOO_DIR)
-    assert nl.MODEL.BACKBONE.NAME == NL_BACKBONE_OF[baseline.MODEL.BACKBONE.NAME]
-    assert without(nl, NONLOCAL_ONLY_KEYS) == without(baseline, NONLOCAL_ONLY_KEYS)
+    assert is_nonlocal(nl)
+    assert_nonlocal_only_in_backbone_and_head(nl, baseline)
 
 
 # Table 5's baselines are detectron2's model-zoo recipes; X152 has none there, so it is the X101-32x8d
@@ -143,6 +188,7 @@ def test_nonlocal_config_equals_its_model_zoo_baseline_but_for_the_backbone(nl_p
 ZOO_RECIPES = {
     "mask_rcnn_R50.yaml": ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", []),
     "mask_rcnn_R101.yaml": ("COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml", []),
+    "keypoint_rcnn_R101.yaml": ("COCO-Keypoints/keypoint_rcnn_R_101_FPN_3x.yaml", []),
     "mask_rcnn_X152.yaml": (
         "COCO-InstanceSegmentation/mask_rcnn_X_101_32x8d_FPN_3x.yaml",
         [("MODEL", "RESNETS", "DEPTH"), ("MODEL", "WEIGHTS"), ("MODEL", "PIXEL_STD")],
@@ -190,4 +236,4 @@ def test_imagenet_weights_are_detectron2_names_with_their_input_normalisation():
         m = cfg.MODEL
         assert zoo[weights] == {(tuple(m.PIXEL_MEAN), tuple(m.PIXEL_STD), m.RESNETS.STRIDE_IN_1X1)}, path
         checked += 1
-    assert checked >= 6  # the three Table 5 pairs
+    assert checked >= 9  # the three Table 5 pairs, the three Table 6 configs

@@ -45,7 +45,7 @@ ARCHITECTURES = {
     "retinanet": (_zoo("COCO-Detection/retinanet_R_50_FPN_1x.yaml"), "build_retinanet_resnet_fpn_nl_backbone", None),
     "faster_rcnn": (_zoo("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"), "build_resnet_fpn_nl_backbone", None),
     "cascade_mask_rcnn": (_repo("cascade_mask_rcnn_nl_R50.yaml"), None, None),
-    "keypoint_rcnn": (_repo("keypoint_rcnn_nl_R50.yaml"), None, None),
+    "keypoint_rcnn": (_zoo("COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml"), "build_resnet_fpn_nl_backbone", None),
     "panoptic_fpn": (_zoo("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml"), "build_resnet_fpn_nl_backbone", None),
     "pointrend": (_zoo("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"), "build_resnet_fpn_nl_backbone", _pointrend),
     "mask_rcnn_c4": (_zoo("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml"), "build_resnet_nl_backbone", None),
