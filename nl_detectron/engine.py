@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
@@ -53,7 +54,7 @@ def _share_cpu_threads(cfg):
 
 class Trainer(DefaultTrainer):
     """
-    DefaultTrainer with COCO evaluation (box and mask AP), atomic checkpoints that load without running
+    DefaultTrainer with COCO evaluation (box, mask and keypoint AP), atomic checkpoints that load without running
     code (:class:`SafeCheckpointer`) and multi-process training on CPUs (gloo).
     """
 
@@ -88,4 +89,9 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         # The fast COCOeval is C++ inside detectron2's _C; pycocotools' COCOeval gives the same numbers.
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops())
+        # Keypoint OKS sigmas: the config's, else the dataset's own (the built-in nl_houses_* have 5
+        # keypoints, not COCO's 17, whose sigmas COCOEvaluator falls back to).
+        sigmas = cfg.TEST.KEYPOINT_OKS_SIGMAS or MetadataCatalog.get(dataset_name).get("keypoint_oks_sigmas", [])
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops(), kpt_oks_sigmas=sigmas
+        )

@@ -1,4 +1,6 @@
-from .check import check_datasets
+from .check import check_datasets, ensure_builtin_dataset
+from .houses import HOUSES_SPLITS, ensure_houses, register_houses
 from .shapes import SHAPES_CLASSES, ensure_shapes, generate_shapes, register_shapes, shapes_root
 
 register_shapes()
+register_houses()

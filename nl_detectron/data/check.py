@@ -3,9 +3,10 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .houses import HOUSES_SPLITS, ensure_houses
 from .shapes import SHAPES_SPLITS, ensure_shapes
 
-__all__ = ["check_datasets", "DatasetNotRegisteredError"]
+__all__ = ["check_datasets", "ensure_builtin_dataset", "DatasetNotRegisteredError"]
 
 
 class DatasetNotRegisteredError(KeyError):
@@ -26,7 +27,7 @@ _HOW_TO = (
 def check_datasets(cfg) -> None:
     """
     Check that every dataset in ``cfg.DATASETS.TRAIN`` and ``cfg.DATASETS.TEST`` is registered and that
-    the files its metadata names exist (generating the built-in shapes dataset on first use), so that a
+    the files its metadata names exist (generating the built-in datasets on first use), so that a
     missing dataset stops the run before any model is built, not deep inside a data-loader worker.
 
     Raises:
@@ -41,8 +42,7 @@ def check_datasets(cfg) -> None:
                     f"cfg.DATASETS.{key} names dataset {name!r}, which is not registered. Registered: "
                     f"{', '.join(sorted(DatasetCatalog.list()))}. " + _HOW_TO.format(root=root)
                 )
-            if name in SHAPES_SPLITS:
-                ensure_shapes(name)
+            ensure_builtin_dataset(name)
             meta = MetadataCatalog.get(name)
             for attr in ("json_file", "image_root"):
                 path = getattr(meta, attr, None)
@@ -51,3 +51,11 @@ def check_datasets(cfg) -> None:
                         f"cfg.DATASETS.{key} names dataset {name!r}, whose {attr} {path!r} does not "
                         f"exist. " + _HOW_TO.format(root=root)
                     )
+
+
+def ensure_builtin_dataset(name: str) -> None:
+    """Generate ``name`` if it is one of the built-in datasets (shapes, houses) and not there yet."""
+    if name in SHAPES_SPLITS:
+        ensure_shapes(name)
+    elif name in HOUSES_SPLITS:
+        ensure_houses(name)

@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-__all__ = ["SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "register_shapes"]
+__all__ = [
+    "SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "ensure_generated", "register_shapes",
+]
 
 SHAPES_CLASSES = ["square", "circle", "triangle"]
 # name -> (number of images, seed). Changing the generator means bumping _VERSION.
@@ -42,11 +44,16 @@ def _polygon(kind, cx, cy, r, angle):
     ]
 
 
-def _draw_image(rng: np.random.RandomState, size: int):
-    """One image (H, W, 3 uint8) and its annotations; shapes do not overlap, so polygons are exact masks."""
+def noisy_background(rng: np.random.RandomState, size: int):
+    """A size x size RGB image of one random colour with uniform noise, and that colour (3 ints)."""
     background = rng.randint(0, 256, size=3)
     noise = rng.randint(-20, 21, size=(size, size, 3))
-    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8)), background
+
+
+def _draw_image(rng: np.random.RandomState, size: int):
+    """One image (H, W, 3 uint8) and its annotations; shapes do not overlap, so polygons are exact masks."""
+    image, background = noisy_background(rng, size)
     draw = ImageDraw.Draw(image)
     annotations, placed = [], []
     for _ in range(rng.randint(1, 5)):
@@ -103,17 +110,26 @@ def generate_shapes(root: str, split: str, num_images: int, seed: int, size: int
 def ensure_shapes(name: str) -> None:
     """Generate split ``name`` where its metadata points, unless it is there; safe when processes race."""
     split, num_images, seed = SHAPES_SPLITS[name]
-    meta = MetadataCatalog.get(name)
+    ensure_generated(MetadataCatalog.get(name), lambda root: generate_shapes(root, split, num_images, seed))
+
+
+def ensure_generated(meta, generate) -> None:
+    """
+    Unless ``meta.image_root`` exists, call ``generate(root)``, which must write ``root/<split>/`` (the
+    images; ``<split>`` the name of ``meta.image_root``) and ``root/annotations/<name of meta.json_file>``,
+    and move both where ``meta`` points; safe when processes race.
+    """
     if os.path.isdir(meta.image_root):  # the image folder is moved into place last
         return
     root = os.path.dirname(meta.image_root)
+    split = os.path.basename(meta.image_root)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     # Build in a private temp dir, then move the finished split into place: a killed or concurrent
     # generation never leaves a half-written split where readers look.
     tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=root)
     try:
-        generate_shapes(tmp, split, num_images, seed)
-        os.replace(os.path.join(tmp, "annotations", f"instances_{split}.json"), meta.json_file)
+        generate(tmp)
+        os.replace(os.path.join(tmp, "annotations", os.path.basename(meta.json_file)), meta.json_file)
         try:
             os.rename(os.path.join(tmp, split), meta.image_root)
         except OSError:  # another process finished first, with the same content
