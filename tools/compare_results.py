@@ -6,6 +6,11 @@ deltas, and the paper's numbers for the same backbone, as a Markdown table.
     tools/compare_results.py --pair output/mask_rcnn_R50 output/mask_rcnn_nl_R50 \
                              --pair output/mask_rcnn_R101 output/mask_rcnn_nl_R101
 
+Table 6 (Keypoint R-CNN, keypoint AP) from the baseline, +4 NL head and +4 head +1 backbone runs, in that order:
+
+    tools/compare_results.py --table6 output/keypoint_rcnn_R101 output/keypoint_rcnn_nl_head_R101 \
+                             output/keypoint_rcnn_nl_R101
+
 Each directory is a run's OUTPUT_DIR (tools/train_net.py or tools/lazyconfig_train_net.py). Its COCOEvaluator
 results are read from metrics.json (the last evaluation during training), or, for --eval-only runs, from
 the "copypaste" lines detectron2 writes to log.txt. The backbone (R50, R101, X152, ...) is read from the
@@ -137,6 +142,66 @@ def table5(pairs, backbones=None) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+# Table 6 (Keypoint R-CNN R101-FPN, COCO val2017): keypoint AP, AP50, AP75 of each row.
+TABLE6_METRICS = [("keypoints", "AP"), ("keypoints", "AP50"), ("keypoints", "AP75")]
+TABLE6_HEADERS = ["model", "source", "AP kp", "AP50 kp", "AP75 kp"]
+TABLE6_MODELS = ["baseline", "+4 NL in head", "+4 NL in head, +1 in backbone"]
+PAPER_TABLE6 = ((65.1, 86.8, 70.4), (66.0, 87.1, 71.7), (66.5, 87.3, 72.8))
+
+
+def table6(run_dirs) -> str:
+    """
+    Markdown, Table 6's layout: the keypoint AP of your baseline, +4 NL (head) and, if given, +4 head +1
+    backbone runs, each non-local row followed by its delta to the baseline; then the paper's rows.
+
+    Args:
+        run_dirs: output directories in the paper's row order: baseline, +4 NL in the head, and optionally
+            +4 in the head and +1 in the backbone (e.g. of configs/keypoint_rcnn_R101.yaml,
+            keypoint_rcnn_nl_head_R101.yaml, keypoint_rcnn_nl_R101.yaml).
+    """
+    if not 2 <= len(run_dirs) <= 3:
+        raise ValueError(
+            f"--table6: {len(run_dirs)} directories; give 2 or 3, in the paper's order: "
+            + ", ".join(TABLE6_MODELS)
+        )
+    ours = []
+    for d in run_dirs:
+        results = read_results(d)
+        if "keypoints/AP" not in results:
+            raise ValueError(f"--table6: {d!r} has no keypoint AP (keypoints/AP): is it a Keypoint R-CNN run?")
+        ours.append([results.get(f"{task}/{metric}", float("nan")) for task, metric in TABLE6_METRICS])
+    rows = [TABLE6_HEADERS, ["---", ":---"] + ["---:"] * 3]
+    for source, values in (("this run", ours), ("paper", PAPER_TABLE6)):
+        for i, (model, row) in enumerate(zip(TABLE6_MODELS, values)):
+            rows.append([model, source] + _row(row))
+            if i:
+                rows.append(["delta", source] + _delta(values[0], row))
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def get_table6_parser():
+    parser = argparse.ArgumentParser(
+        description="Table 6 of the paper from your own runs: keypoint AP, AP50, AP75 of Keypoint R-CNN runs, "
+        "the deltas to the baseline, and the paper's rows (R101-FPN), as a Markdown table."
+    )
+    parser.add_argument(
+        "--table6", nargs="+", required=True, metavar="DIR",
+        help="output directories of the baseline, +4 NL in head and (optionally) +4 head +1 backbone runs",
+    )
+    parser.add_argument("--output", default="", help="also write the table to this Markdown file")
+    return parser
+
+
+def main_table6(argv=None) -> str:
+    args = get_table6_parser().parse_args(argv)
+    table = table6(args.table6)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+    return table
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -149,6 +214,8 @@ def get_parser():
 
 
 def main(argv=None) -> str:
+    if "--table6" in (sys.argv[1:] if argv is None else argv):
+        return main_table6(argv)
     args = get_parser().parse_args(argv)
     table = table5(args.pair, args.backbones)
     print(table)
