@@ -34,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 from nl_detectron import add_nonlocal_blocks, nonlocal_blocks
 from nl_detectron.checkpoint import SafeCheckpointer
 from nl_detectron.config_files import build_model, evaluation_dataset_names, inference_mapper, is_lazy, load_config
-from nl_detectron.data.shapes import SHAPES_SPLITS, ensure_shapes
+from nl_detectron.data import ensure_builtin_dataset
 from nl_detectron.flop_count import flop_count_analysis
 
 logger = logging.getLogger("nl_detectron.analyze_model")
@@ -46,6 +46,8 @@ BASELINE_BACKBONES = {
     "build_resnet_nl_backbone": "build_resnet_backbone",
     "build_retinanet_resnet_fpn_nl_backbone": "build_retinanet_resnet_fpn_backbone",
 }
+# The detectron2 keypoint head the non-local one extends (nl_detectron/keypoint_head.py).
+BASELINE_KEYPOINT_HEADS = {"KRCNNConvDeconvUpsampleNLHead": "KRCNNConvDeconvUpsampleHead"}
 # fvcore has no activation handle for the fused attention: its output is the activation, as for matmul.
 ACTIVATION_HANDLES = {
     "aten::scaled_dot_product_attention": generic_activation_jit("aten::scaled_dot_product_attention")
@@ -53,17 +55,20 @@ ACTIVATION_HANDLES = {
 
 
 def baseline_config(cfg):
-    """``cfg`` without its non-local blocks: the detectron2 backbone it extends, all else equal."""
+    """``cfg`` without its non-local blocks: the detectron2 backbone and keypoint head it extends, all else equal."""
     cfg = copy.deepcopy(cfg)
     if not is_lazy(cfg):
-        name = cfg.MODEL.BACKBONE.NAME
-        if name not in BASELINE_BACKBONES:
+        name, head = cfg.MODEL.BACKBONE.NAME, cfg.MODEL.ROI_KEYPOINT_HEAD.NAME
+        nonlocal_head = cfg.MODEL.KEYPOINT_ON and head in BASELINE_KEYPOINT_HEADS
+        if name not in BASELINE_BACKBONES and not nonlocal_head:
             raise ValueError(
-                f"MODEL.BACKBONE.NAME={name!r} is not a non-local backbone, so the config has no baseline to "
-                f"derive; valid choices: {', '.join(BASELINE_BACKBONES)} (or pass --baseline-config)"
+                f"MODEL.BACKBONE.NAME={name!r} is not a non-local backbone (nor is there a non-local keypoint "
+                f"head), so the config has no baseline to derive; valid choices: {', '.join(BASELINE_BACKBONES)}, "
+                f"or MODEL.ROI_KEYPOINT_HEAD.NAME {', '.join(BASELINE_KEYPOINT_HEADS)} (or pass --baseline-config)"
             )
         cfg.defrost()
-        cfg.MODEL.BACKBONE.NAME = BASELINE_BACKBONES[name]
+        cfg.MODEL.BACKBONE.NAME = BASELINE_BACKBONES.get(name, name)
+        cfg.MODEL.ROI_KEYPOINT_HEAD.NAME = BASELINE_KEYPOINT_HEADS.get(head, head)
         return cfg
     OmegaConf.resolve(cfg)  # e.g. FPN's in_features="${.bottom_up.resnet.out_features}" outlives the wrapper
     if not _drop_add_nonlocal_blocks(cfg.model):
@@ -98,8 +103,7 @@ def model_inputs(cfg, dataset: str, num_inputs: int):
         raise KeyError(
             f"--dataset {dataset!r} is not registered; valid choices: {', '.join(sorted(DatasetCatalog.list()))}"
         )
-    if dataset in SHAPES_SPLITS:
-        ensure_shapes(dataset)
+    ensure_builtin_dataset(dataset)
     for attr in ("json_file", "image_root"):
         path = getattr(MetadataCatalog.get(dataset), attr, None)
         if path is not None and not os.path.exists(path):
@@ -127,9 +131,10 @@ def count_parameters(model) -> dict:
 
 
 def count_flops(model, inputs) -> dict:
-    """Mean and std of the total, and of the backbone and the non-local blocks, over ``inputs``; per-op mean."""
+    """Mean and std of the total, and of the backbone, the keypoint head and the non-local blocks, over
+    ``inputs``; per-op mean."""
     blocks = list(nonlocal_blocks(model))
-    totals, backbone, nonlocal_, by_operator = [], [], [], {}
+    totals, backbone, keypoint_head, nonlocal_, by_operator = [], [], [], [], {}
     analysis = None
     for i, batch in enumerate(inputs):
         analysis = flop_count_analysis(model, batch)
@@ -139,12 +144,13 @@ def count_flops(model, inputs) -> dict:
         # detectron2 traces through a wrapper whose child is the model: module names start with "model.".
         totals.append(analysis.total())
         backbone.append(by_module.get("model.backbone", 0))
+        keypoint_head.append(by_module.get("model.roi_heads.keypoint_head", 0))
         nonlocal_.append(sum(by_module.get(f"model.{name}", 0) for name in blocks))
         for op, count in analysis.by_operator().items():
             by_operator[op] = by_operator.get(op, 0) + count / len(inputs)
     return dict(
         total=float(np.mean(totals)), total_std=float(np.std(totals)), backbone=float(np.mean(backbone)),
-        nonlocal_blocks=float(np.mean(nonlocal_)), by_operator=by_operator,
+        keypoint_head=float(np.mean(keypoint_head)), nonlocal_blocks=float(np.mean(nonlocal_)), by_operator=by_operator,
         table=flop_count_table(analysis, max_depth=4) if analysis is not None else "",
     )
 
@@ -177,6 +183,8 @@ def compare(cfg, baseline_cfg, inputs, weights: str = "") -> dict:
             "GFLOPs, non-local blocks": flops["nonlocal_blocks"] / 1e9,
             "activations (M)": acts["total"] / 1e6,
         }
+        if hasattr(getattr(m, "roi_heads", None), "keypoint_head"):  # Keypoint R-CNN: the head's share (Table 6)
+            rows[name]["GFLOPs, keypoint head"] = flops["keypoint_head"] / 1e9
     return rows
 
 
@@ -238,7 +246,8 @@ def main(argv=None) -> dict:
         logger.info("Average GFlops per operator: " + str({k: round(v / 1e9, 4) for k, v in flops["by_operator"].items()}))
         logger.info(
             f"Total GFlops: {flops['total'] / 1e9:.3f}±{flops['total_std'] / 1e9:.3f}; backbone "
-            f"{flops['backbone'] / 1e9:.3f}; non-local blocks {flops['nonlocal_blocks'] / 1e9:.3f}"
+            f"{flops['backbone'] / 1e9:.3f}; keypoint head {flops['keypoint_head'] / 1e9:.3f}; non-local blocks "
+            f"{flops['nonlocal_blocks'] / 1e9:.3f}"
         )
     if "activation" in args.tasks:
         results["activation"] = acts = count_activations(model, inputs)

@@ -11,6 +11,15 @@ cross), ``summary.png`` (all queries on one sheet) and ``attention.npz`` (the ra
 The softmax modes' maps sum to 1 over the keys; dot_product's and concatenation's are f / N' and
 are shown with their own minimum to maximum.
 
+A block in the keypoint head (configs/keypoint_rcnn_nl_head_R101.yaml, configs/quick/keypoint_rcnn_nl_R18_houses.yaml)
+sees one RoI at a time, a 14 x 14 map of one detection: for such a --block, --roi picks the detection (by
+score, 0 = the best), the query points must lie in its box (default: an N x N grid over it), and each map
+is shown over that box only:
+
+    tools/visualize_attention.py --config-file configs/quick/keypoint_rcnn_nl_R18_houses.yaml \
+        --weights output/quick_keypoint_rcnn_nl_R18_houses/model_final.pth \
+        --block roi_heads.keypoint_head.nonlocal8 --roi 0
+
 Nothing in the model records attention during normal inference: this tool registers a forward hook
 on the chosen block to catch its input, removes it after the one forward pass, and asks the block for
 its weights (NonLocalBlock2d.pairwise_weights).
@@ -124,6 +133,85 @@ def attention_maps(model, block_name: str, model_input: dict, points: Sequence[T
     return dict(maps=maps, cells=cells, grid=(grid_h, grid_w), stride=stride, key_stride=key_stride)
 
 
+def is_roi_block(model, block_name: str) -> bool:
+    """Whether the block is in the keypoint head (it runs on RoI features, one detection per batch element)."""
+    return block_name.startswith("roi_heads.keypoint_head.")
+
+
+@torch.no_grad()
+def roi_attention_maps(model, block_name: str, model_input: dict, roi: int, points=None, grid: int = 3):
+    """
+    :func:`attention_maps` for a block of the keypoint head: run ``model`` on one input, catch the block's
+    input (R, C, H, W) (one map per detection) and the detections' boxes, and return the pairwise weights of
+    RoI ``roi`` for the cells under ``points`` (original-image pixels inside its box; default: a ``grid`` x
+    ``grid`` grid over the box).
+
+    Returns:
+        dict as :func:`attention_maps`, plus "box" (x0, y0, x1, y1) of the RoI in original-image pixels,
+        "roi" and "points" (the query points used).
+    """
+    blocks = nonlocal_blocks(model)
+    if block_name not in blocks:
+        raise ValueError(
+            f"--block {block_name!r}: no such non-local block in this model; valid choices: "
+            f"{', '.join(blocks) or '(none: the config builds no non-local block)'}"
+        )
+    block = blocks[block_name]
+    captured, boxes = [], []
+    hooks = [
+        block.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0])),
+        # The keypoint head gets the detections (boxes in the model's input resolution) with the features.
+        model.roi_heads.keypoint_head.register_forward_pre_hook(
+            lambda module, inputs: boxes.append(inputs[1][0].pred_boxes.tensor.clone())
+        ),
+    ]
+    try:
+        model([model_input])
+    finally:
+        for handle in hooks:
+            handle.remove()
+    num_rois = captured[0].shape[0] if captured else 0
+    if not 0 <= roi < num_rois:
+        raise ValueError(
+            f"--roi {roi}: the head's blocks ran on {num_rois} RoIs (detections) of this image; valid choices: "
+            + (f"0..{num_rois - 1}" if num_rois else "none (lower MODEL.ROI_HEADS.SCORE_THRESH_TEST, or load --weights)")
+        )
+    height, width = model_input["height"], model_input["width"]
+    image_h, image_w = model_input["image"].shape[-2:]
+    x0, y0, x1, y1 = (boxes[0][roi] * torch.tensor([width / image_w, height / image_h] * 2)).tolist()
+    if points is None:
+        points = [(int(x0 + (x1 - x0) * (c + 0.5) / grid), int(y0 + (y1 - y0) * (r + 0.5) / grid))
+                  for r in range(grid) for c in range(grid)]
+    for x, y in points:
+        if not (x0 <= x < x1 and y0 <= y < y1):
+            raise ValueError(
+                f"--point: ({x}, {y}) is outside RoI {roi}'s box; valid: {x0:.0f} <= x < {x1:.0f}, "
+                f"{y0:.0f} <= y < {y1:.0f} (a head block sees only its RoI)"
+            )
+    x_in = captured[0][roi: roi + 1]
+    weights, (hk, wk) = block.pairwise_weights(x_in)
+    grid_h, grid_w = x_in.shape[-2:]
+    # RoIAlign samples the box on a grid_h x grid_w grid: cell (i, j) covers 1/grid_h of its height, ...
+    cells = np.array(
+        [(min(int((y - y0) / (y1 - y0) * grid_h), grid_h - 1), min(int((x - x0) / (x1 - x0) * grid_w), grid_w - 1))
+         for x, y in points]
+    )
+    rows = torch.as_tensor(cells[:, 0] * grid_w + cells[:, 1], device=weights.device)
+    maps = weights[0, rows].reshape(len(points), hk, wk).float().cpu().numpy()
+    return dict(maps=maps, cells=cells, grid=(grid_h, grid_w), box=(x0, y0, x1, y1), roi=roi, points=points)
+
+
+def roi_map_to_image(attention: np.ndarray, box, original_hw) -> np.ndarray:
+    """One (Hk, Wk) map of a RoI, as (H, W) over the original image: stretched over the box, 0 elsewhere."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    height, width = original_hw
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
+    full = np.zeros((height, width), dtype=np.float32)
+    t = torch.from_numpy(attention)[None, None]
+    full[y0:y1, x0:x1] = F.interpolate(t, size=(y1 - y0, x1 - x0), mode="nearest")[0, 0].numpy()
+    return full
+
+
 def map_to_image(attention: np.ndarray, key_stride: float, resized_hw, original_hw) -> np.ndarray:
     """One (Hk, Wk) map, as (H, W) over the original image: each key covers key_stride^2 input pixels."""
     hk, wk = attention.shape
@@ -191,6 +279,8 @@ def get_parser():
         help="a query point in image pixels (repeat for more); default: an N x N grid (--grid)",
     )
     parser.add_argument("--grid", type=int, default=3, help="N of the default N x N grid of queries")
+    parser.add_argument("--roi", type=int, default=0,
+                        help="for a block of the keypoint head: which detection's RoI (0 = the highest score)")
     parser.add_argument("--output", default="output/attention", help="directory for the PNGs and attention.npz")
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[],
@@ -217,15 +307,23 @@ def main(argv=None) -> dict:
     image_path = args.image or default_image()
     image_rgb = read_image(image_path, format="RGB")
     height, width = image_rgb.shape[:2]
-    points = args.points or grid_points(width, height, args.grid)
     model_input = inference_mapper(cfg)({"file_name": image_path, "height": height, "width": width, "image_id": 0})
 
-    result = attention_maps(model, block_name, model_input, points)
+    roi_block = is_roi_block(model, block_name)
+    if roi_block:
+        result = roi_attention_maps(model, block_name, model_input, args.roi, args.points, args.grid)
+        points = result["points"]
+    else:
+        points = args.points or grid_points(width, height, args.grid)
+        result = attention_maps(model, block_name, model_input, points)
     resized_hw = model_input["image"].shape[-2:]
     os.makedirs(args.output, exist_ok=True)
     overlays, written = [], []
     for k, (attention, point) in enumerate(zip(result["maps"], points)):
-        full = map_to_image(attention, result["key_stride"], resized_hw, (height, width))
+        if roi_block:
+            full = roi_map_to_image(attention, result["box"], (height, width))
+        else:
+            full = map_to_image(attention, result["key_stride"], resized_hw, (height, width))
         picture = overlay(image_rgb.astype(np.float32), full, point)
         path = os.path.join(args.output, f"query{k:02d}_x{point[0]}_y{point[1]}.png")
         picture.save(path)
@@ -235,13 +333,16 @@ def main(argv=None) -> dict:
     summary = os.path.join(args.output, "summary.png")
     summary_sheet(
         image_rgb, overlays, result["maps"], points,
-        f"{block_name} ({block.mode}) of {os.path.basename(args.config_file)}", summary,
+        f"{block_name} ({block.mode}) of {os.path.basename(args.config_file)}"
+        + (f", RoI {args.roi} box ({', '.join(f'{v:.0f}' for v in result['box'])})" if roi_block else ""),
+        summary,
     )
     np.savez(
         os.path.join(args.output, "attention.npz"),
         maps=result["maps"], points=np.array(points), cells=result["cells"], grid=np.array(result["grid"]),
-        stride=result["stride"], key_stride=result["key_stride"], block=block_name, mode=block.mode,
-        image=image_path,
+        block=block_name, mode=block.mode, image=image_path,
+        **({"box": np.array(result["box"]), "roi": args.roi} if roi_block
+           else {"stride": result["stride"], "key_stride": result["key_stride"]}),
     )
     logger.info(f"Wrote {len(written)} query maps, {summary} and attention.npz to {args.output}")
     return dict(queries=written, summary=summary, npz=os.path.join(args.output, "attention.npz"))
