@@ -135,16 +135,21 @@ def test_baseline_state_dict_loads_with_only_nonlocal_params_missing(baseline):
         assert torch.equal(loaded[name], value), name
 
 
-@pytest.mark.parametrize("file_format", ["pth", "pkl"])
-def test_model_zoo_checkpoint_loads_through_detection_checkpointer(baseline, tmp_path, file_format):
-    """A detectron2 Mask R-CNN checkpoint: a torch .pth, or a model zoo .pkl of numpy arrays."""
-    path = str(tmp_path / f"model_final.{file_format}")
-    state = baseline.state_dict()
+def save_checkpoint(state, path, file_format):
+    """``state`` as detectron2 checkpoints are: a torch .pth, or a model-zoo .pkl of numpy arrays."""
     if file_format == "pth":
         torch.save({"model": state, "iteration": 90000}, path)
     else:
         with open(path, "wb") as f:
             pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "test"}, f)
+
+
+@pytest.mark.parametrize("file_format", ["pth", "pkl"])
+def test_model_zoo_checkpoint_loads_through_detection_checkpointer(baseline, tmp_path, file_format):
+    """A detectron2 Mask R-CNN checkpoint: a torch .pth, or a model zoo .pkl of numpy arrays."""
+    path = str(tmp_path / f"model_final.{file_format}")
+    state = baseline.state_dict()
+    save_checkpoint(state, path, file_format)
 
     model = nonlocal_model()
     checkpointer = RecordingCheckpointer(model)

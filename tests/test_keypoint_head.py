@@ -1,8 +1,6 @@
 """The keypoint head with non-local blocks (issue 11, Table 6): detectron2 Keypoint R-CNN checkpoints load
 into it with only the blocks' parameters missing and then give the baseline's keypoints; a block sits
 exactly where the config puts it; bad placements fail at build time."""
-import pickle
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -14,7 +12,7 @@ from detectron2.modeling.roi_heads.keypoint_head import KRCNNConvDeconvUpsampleH
 
 from nl_detectron import KRCNNConvDeconvUpsampleNLHead, NonLocalArgumentError, NonLocalBlock2d, nonlocal_blocks
 
-from test_checkpoint_compat import RecordingCheckpointer, calibrate_frozen_bn, images, model_cfg
+from test_checkpoint_compat import RecordingCheckpointer, calibrate_frozen_bn, images, model_cfg, save_checkpoint
 
 HEAD_PREFIX = "roi_heads.keypoint_head."
 # The head's input: detectron2's keypoint pooler output on a 256-channel FPN.
@@ -71,11 +69,7 @@ def test_keypoint_rcnn_checkpoint_loads_with_only_nonlocal_params_missing(baseli
     """A detectron2 Keypoint R-CNN checkpoint: a torch .pth, or a model-zoo .pkl of numpy arrays."""
     path = str(tmp_path / f"model_final.{file_format}")
     state = baseline.state_dict()
-    if file_format == "pth":
-        torch.save({"model": state, "iteration": 270000}, path)
-    else:
-        with open(path, "wb") as f:
-            pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "test"}, f)
+    save_checkpoint(state, path, file_format)
 
     model = nonlocal_model(config)
     expected_missing = block_keys(model)

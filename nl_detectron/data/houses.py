@@ -12,17 +12,15 @@ the house's own left, which is the image's left for an upright house (houses are
 degrees); a horizontal flip swaps them (``keypoint_flip_map``). The roof's height and the apex's offset
 vary independently of the body, so the eaves are not where the box alone would put them.
 """
-import json
 import math
 import os
 
 import numpy as np
 from PIL import ImageDraw
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
+from detectron2.data import MetadataCatalog
 
-from .shapes import ensure_generated, noisy_background
+from .shapes import ensure_generated, noisy_background, place_apart, register_generated, write_coco_split
 
 __all__ = [
     "HOUSE_KEYPOINT_NAMES", "HOUSE_KEYPOINT_FLIP_MAP", "HOUSE_KEYPOINT_OKS_SIGMAS", "HOUSES_SPLITS",
@@ -73,16 +71,8 @@ def _draw_image(rng: np.random.RandomState, size: int):
     """One image (PIL RGB) and its annotations; houses do not overlap, so every keypoint is visible."""
     image, background = noisy_background(rng, size)
     draw = ImageDraw.Draw(image)
-    annotations, placed = [], []
-    for _ in range(rng.randint(1, 4)):
-        for _attempt in range(20):
-            r = rng.uniform(size * 0.1, size * 0.22)
-            cx, cy = rng.uniform(r, size - r, size=2)
-            if all(math.hypot(cx - x, cy - y) > r + s + 2 for x, y, s in placed):
-                break
-        else:
-            continue
-        placed.append((cx, cy, r))
+    annotations = []
+    for cx, cy, r in place_apart(rng, size, max_count=3, radius=(0.1, 0.22)):
         apex, left_eave, right_eave, left_base, right_base = corners = _house_corners(rng, cx, cy, r)
         # Body and roof in two colours far from the background, so that the eaves show.
         body_colour, roof_colour = ((background + rng.randint(80, 176, size=3)) % 256 for _ in range(2))
@@ -109,32 +99,15 @@ def _draw_image(rng: np.random.RandomState, size: int):
 
 def generate_houses(root: str, split: str, num_images: int, seed: int, size: int = IMAGE_SIZE) -> None:
     """Write ``root/<split>/*.png`` and ``root/annotations/keypoints_<split>.json`` (COCO keypoint format)."""
-    rng = np.random.RandomState(seed)
-    images, annotations = [], []
-    os.makedirs(os.path.join(root, split), exist_ok=True)
-    for image_id in range(1, num_images + 1):
-        image, anns = _draw_image(rng, size)
-        file_name = f"{image_id:06d}.png"
-        image.save(os.path.join(root, split, file_name))
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
-        for ann in anns:
-            annotations.append(dict(ann, id=len(annotations) + 1, image_id=image_id))
     index = {name: i + 1 for i, name in enumerate(HOUSE_KEYPOINT_NAMES)}  # COCO's skeleton is 1-based
-    coco = {
-        "info": {"description": f"nl_detectron built-in houses, split {split}, seed {seed}"},
-        "images": images,
-        "annotations": annotations,
-        "categories": [
-            {
-                "id": 1, "name": "house", "supercategory": "house",
-                "keypoints": list(HOUSE_KEYPOINT_NAMES),
-                "skeleton": [[index[a], index[b]] for a, b, _ in _CONNECTIONS],
-            }
-        ],
+    category = {
+        "id": 1, "name": "house", "supercategory": "house", "keypoints": list(HOUSE_KEYPOINT_NAMES),
+        "skeleton": [[index[a], index[b]] for a, b, _ in _CONNECTIONS],
     }
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, "annotations", f"keypoints_{split}.json"), "w") as f:
-        json.dump(coco, f)
+    write_coco_split(
+        root, split, f"keypoints_{split}.json", num_images, seed, size, _draw_image, categories=[category],
+        description=f"nl_detectron built-in houses, split {split}, seed {seed}",
+    )
 
 
 def ensure_houses(name: str) -> None:
@@ -143,26 +116,13 @@ def ensure_houses(name: str) -> None:
     ensure_generated(MetadataCatalog.get(name), lambda root: generate_houses(root, split, num_images, seed))
 
 
-def _load(name: str):
-    ensure_houses(name)
-    meta = MetadataCatalog.get(name)
-    return load_coco_json(meta.json_file, meta.image_root, name)
-
-
 def register_houses() -> None:
     """Register ``nl_houses_train`` and ``nl_houses_val`` (idempotent). Files are generated on first use."""
-    root = houses_root()
-    for name, (split, _, _) in HOUSES_SPLITS.items():
-        if name in DatasetCatalog.list():
-            continue
-        DatasetCatalog.register(name, lambda name=name: _load(name))
-        MetadataCatalog.get(name).set(
-            json_file=os.path.join(root, "annotations", f"keypoints_{split}.json"),
-            image_root=os.path.join(root, split),
-            evaluator_type="coco",
-            thing_classes=["house"],
-            keypoint_names=list(HOUSE_KEYPOINT_NAMES),
-            keypoint_flip_map=[list(pair) for pair in HOUSE_KEYPOINT_FLIP_MAP],
-            keypoint_connection_rules=list(_CONNECTIONS),
-            keypoint_oks_sigmas=list(HOUSE_KEYPOINT_OKS_SIGMAS),
-        )
+    register_generated(
+        HOUSES_SPLITS, houses_root(), "keypoints_{split}.json", ensure_houses,
+        thing_classes=["house"],
+        keypoint_names=list(HOUSE_KEYPOINT_NAMES),
+        keypoint_flip_map=[list(pair) for pair in HOUSE_KEYPOINT_FLIP_MAP],
+        keypoint_connection_rules=list(_CONNECTIONS),
+        keypoint_oks_sigmas=list(HOUSE_KEYPOINT_OKS_SIGMAS),
+    )

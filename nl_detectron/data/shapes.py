@@ -19,7 +19,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 __all__ = [
-    "SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "ensure_generated", "register_shapes",
+    "SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "register_shapes",
+    "noisy_background", "place_apart", "write_coco_split", "ensure_generated", "register_generated",
 ]
 
 SHAPES_CLASSES = ["square", "circle", "triangle"]
@@ -51,20 +52,31 @@ def noisy_background(rng: np.random.RandomState, size: int):
     return Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8)), background
 
 
-def _draw_image(rng: np.random.RandomState, size: int):
-    """One image (H, W, 3 uint8) and its annotations; shapes do not overlap, so polygons are exact masks."""
-    image, background = noisy_background(rng, size)
-    draw = ImageDraw.Draw(image)
-    annotations, placed = [], []
-    for _ in range(rng.randint(1, 5)):
+def place_apart(rng: np.random.RandomState, size: int, max_count: int, radius: tuple):
+    """
+    Yield (cx, cy, r) of 1..max_count discs in a size x size image (their number drawn first), each of
+    radius ``radius`` (a range, as fractions of size), inside the image and apart from the others; a disc
+    that does not fit in 20 tries is skipped. The caller may draw from ``rng`` between the discs.
+    """
+    placed = []
+    for _ in range(rng.randint(1, max_count + 1)):
         for _attempt in range(20):
-            r = rng.uniform(size * 0.06, size * 0.2)
+            r = rng.uniform(size * radius[0], size * radius[1])
             cx, cy = rng.uniform(r, size - r, size=2)
             if all(math.hypot(cx - x, cy - y) > r + s + 2 for x, y, s in placed):
                 break
         else:
             continue
         placed.append((cx, cy, r))
+        yield cx, cy, r
+
+
+def _draw_image(rng: np.random.RandomState, size: int):
+    """One image (H, W, 3 uint8) and its annotations; shapes do not overlap, so polygons are exact masks."""
+    image, background = noisy_background(rng, size)
+    draw = ImageDraw.Draw(image)
+    annotations = []
+    for cx, cy, r in place_apart(rng, size, max_count=4, radius=(0.06, 0.2)):
         category = rng.randint(len(SHAPES_CLASSES))
         vertices = _polygon(SHAPES_CLASSES[category], cx, cy, r, rng.uniform(0, 2 * math.pi))
         # A colour far from the background, so that every shape is visible.
@@ -86,24 +98,32 @@ def _draw_image(rng: np.random.RandomState, size: int):
 
 def generate_shapes(root: str, split: str, num_images: int, seed: int, size: int = IMAGE_SIZE) -> None:
     """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json`` (COCO format)."""
+    write_coco_split(
+        root, split, f"instances_{split}.json", num_images, seed, size, _draw_image,
+        categories=[{"id": i + 1, "name": n} for i, n in enumerate(SHAPES_CLASSES)],
+        description=f"nl_detectron built-in shapes, split {split}, seed {seed}",
+    )
+
+
+def write_coco_split(root, split, json_name, num_images, seed, size, draw_image, *, categories, description):
+    """
+    Write ``num_images`` images ``draw_image(rng, size) -> (PIL image, [annotation])`` (one RandomState
+    seeded with ``seed``, drawn in order) to ``root/<split>/`` and their COCO json to
+    ``root/annotations/<json_name>``.
+    """
     rng = np.random.RandomState(seed)
     images, annotations = [], []
     os.makedirs(os.path.join(root, split), exist_ok=True)
     for image_id in range(1, num_images + 1):
-        image, anns = _draw_image(rng, size)
+        image, anns = draw_image(rng, size)
         file_name = f"{image_id:06d}.png"
         image.save(os.path.join(root, split, file_name))
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
         for ann in anns:
             annotations.append(dict(ann, id=len(annotations) + 1, image_id=image_id))
-    coco = {
-        "info": {"description": f"nl_detectron built-in shapes, split {split}, seed {seed}"},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SHAPES_CLASSES)],
-    }
+    coco = {"info": {"description": description}, "images": images, "annotations": annotations, "categories": categories}
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+    with open(os.path.join(root, "annotations", json_name), "w") as f:
         json.dump(coco, f)
 
 
@@ -138,22 +158,31 @@ def ensure_generated(meta, generate) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(name: str):
-    ensure_shapes(name)
+def _load(name: str, ensure):
+    ensure(name)
     meta = MetadataCatalog.get(name)
     return load_coco_json(meta.json_file, meta.image_root, name)
 
 
 def register_shapes() -> None:
     """Register ``nl_shapes_train`` and ``nl_shapes_val`` (idempotent). Files are generated on first use."""
-    root = shapes_root()
-    for name, (split, _, _) in SHAPES_SPLITS.items():
+    register_generated(SHAPES_SPLITS, shapes_root(), "instances_{split}.json", ensure_shapes,
+                       thing_classes=list(SHAPES_CLASSES))
+
+
+def register_generated(splits, root, json_name, ensure, **metadata) -> None:
+    """
+    Register each dataset ``name`` of ``splits`` ({name: (split, ...)}) as a COCO-format dataset at
+    ``root/<split>/`` and ``root/annotations/<json_name with {split}>``, generated on first use by
+    ``ensure(name)``, with ``metadata`` (idempotent).
+    """
+    for name, (split, *_) in splits.items():
         if name in DatasetCatalog.list():
             continue
-        DatasetCatalog.register(name, lambda name=name: _load(name))
+        DatasetCatalog.register(name, lambda name=name: _load(name, ensure))
         MetadataCatalog.get(name).set(
-            json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
+            json_file=os.path.join(root, "annotations", json_name.format(split=split)),
             image_root=os.path.join(root, split),
             evaluator_type="coco",
-            thing_classes=list(SHAPES_CLASSES),
+            **metadata,
         )
