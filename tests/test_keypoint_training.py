@@ -129,3 +129,19 @@ def test_quick_keypoint_config_trains_and_reports_keypoint_and_box_ap(tmp_path, 
             value = final[f"{task}/{metric}"]
             assert math.isfinite(value) and 0 <= value <= 100, (task, metric, value)
     assert history and all(math.isfinite(h["loss_keypoint"]) for h in history)
+
+
+def test_evaluator_takes_the_oks_sigmas_from_the_config_else_from_the_dataset(tmp_path):
+    from detectron2.config import get_cfg
+
+    from nl_detectron import add_nonlocal_config
+    from nl_detectron.engine import Trainer
+
+    cfg = get_cfg()
+    add_nonlocal_config(cfg)
+    cfg.merge_from_file(QUICK_CONFIG)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.TEST.KEYPOINT_OKS_SIGMAS = [0.1] * 5
+    assert list(Trainer.build_evaluator(cfg, "nl_houses_val")._kpt_oks_sigmas) == [0.1] * 5
+    cfg.TEST.KEYPOINT_OKS_SIGMAS = []  # detectron2's default: COCOEvaluator would use COCO's 17
+    assert list(Trainer.build_evaluator(cfg, "nl_houses_val")._kpt_oks_sigmas) == [0.05] * 5
