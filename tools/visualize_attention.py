@@ -133,7 +133,7 @@ def attention_maps(model, block_name: str, model_input: dict, points: Sequence[T
     return dict(maps=maps, cells=cells, grid=(grid_h, grid_w), stride=stride, key_stride=key_stride)
 
 
-def is_roi_block(model, block_name: str) -> bool:
+def is_roi_block(block_name: str) -> bool:
     """Whether the block is in the keypoint head (it runs on RoI features, one detection per batch element)."""
     return block_name.startswith("roi_heads.keypoint_head.")
 
@@ -309,7 +309,7 @@ def main(argv=None) -> dict:
     height, width = image_rgb.shape[:2]
     model_input = inference_mapper(cfg)({"file_name": image_path, "height": height, "width": width, "image_id": 0})
 
-    roi_block = is_roi_block(model, block_name)
+    roi_block = is_roi_block(block_name)
     if roi_block:
         result = roi_attention_maps(model, block_name, model_input, args.roi, args.points, args.grid)
         points = result["points"]
