@@ -3,6 +3,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .context_cue import CONTEXT_SPLITS, ensure_context
 from .shapes import SHAPES_SPLITS, ensure_shapes
 
 __all__ = ["check_datasets", "DatasetNotRegisteredError"]
@@ -26,7 +27,7 @@ _HOW_TO = (
 def check_datasets(cfg) -> None:
     """
     Check that every dataset in ``cfg.DATASETS.TRAIN`` and ``cfg.DATASETS.TEST`` is registered and that
-    the files its metadata names exist (generating the built-in shapes dataset on first use), so that a
+    the files its metadata names exist (generating the built-in datasets on first use), so that a
     missing dataset stops the run before any model is built, not deep inside a data-loader worker.
 
     Raises:
@@ -43,6 +44,8 @@ def check_datasets(cfg) -> None:
                 )
             if name in SHAPES_SPLITS:
                 ensure_shapes(name)
+            elif name in CONTEXT_SPLITS:
+                ensure_context(name)
             meta = MetadataCatalog.get(name)
             for attr in ("json_file", "image_root"):
                 path = getattr(meta, attr, None)

@@ -18,7 +18,9 @@ from PIL import Image, ImageDraw
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-__all__ = ["SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "register_shapes"]
+__all__ = [
+    "SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "ensure_split", "register_shapes"
+]
 
 SHAPES_CLASSES = ["square", "circle", "triangle"]
 # name -> (number of images, seed). Changing the generator means bumping _VERSION.
@@ -103,16 +105,26 @@ def generate_shapes(root: str, split: str, num_images: int, seed: int, size: int
 def ensure_shapes(name: str) -> None:
     """Generate split ``name`` where its metadata points, unless it is there; safe when processes race."""
     split, num_images, seed = SHAPES_SPLITS[name]
+    ensure_split(name, lambda root: generate_shapes(root, split, num_images, seed))
+
+
+def ensure_split(name: str, generate) -> None:
+    """
+    Make registered split ``name`` exist where its metadata (``json_file``, ``image_root``) points, by
+    calling ``generate(root)``, which writes ``root/<split>/`` and ``root/annotations/instances_<split>.json``
+    (``<split>`` being the base name of ``image_root``), unless it is there already.
+    """
     meta = MetadataCatalog.get(name)
     if os.path.isdir(meta.image_root):  # the image folder is moved into place last
         return
+    split = os.path.basename(meta.image_root)
     root = os.path.dirname(meta.image_root)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     # Build in a private temp dir, then move the finished split into place: a killed or concurrent
     # generation never leaves a half-written split where readers look.
     tmp = tempfile.mkdtemp(prefix=f".{split}-", dir=root)
     try:
-        generate_shapes(tmp, split, num_images, seed)
+        generate(tmp)
         os.replace(os.path.join(tmp, "annotations", f"instances_{split}.json"), meta.json_file)
         try:
             os.rename(os.path.join(tmp, split), meta.image_root)
