@@ -19,10 +19,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
-
-from .shapes import SHAPES_CLASSES, _polygon, ensure_split
+from .shapes import SHAPES_CLASSES, _polygon, ensure_split, register_split
 
 __all__ = ["CONTEXT_CLASSES", "CONTEXT_SPLITS", "context_root", "generate_context", "ensure_context", "register_context"]
 
@@ -129,22 +126,7 @@ def ensure_context(name: str) -> None:
     ensure_split(name, lambda root: generate_context(root, split, num_images, seed))
 
 
-def _load(name: str):
-    ensure_context(name)
-    meta = MetadataCatalog.get(name)
-    return load_coco_json(meta.json_file, meta.image_root, name)
-
-
 def register_context() -> None:
     """Register ``nl_context_train`` and ``nl_context_val`` (idempotent). Files are generated on first use."""
-    root = context_root()
     for name, (split, _, _) in CONTEXT_SPLITS.items():
-        if name in DatasetCatalog.list():
-            continue
-        DatasetCatalog.register(name, lambda name=name: _load(name))
-        MetadataCatalog.get(name).set(
-            json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
-            image_root=os.path.join(root, split),
-            evaluator_type="coco",
-            thing_classes=list(CONTEXT_CLASSES),
-        )
+        register_split(name, context_root(), split, CONTEXT_CLASSES, ensure_context)

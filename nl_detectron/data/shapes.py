@@ -19,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 __all__ = [
-    "SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "ensure_split", "register_shapes"
+    "SHAPES_CLASSES", "SHAPES_SPLITS", "shapes_root", "generate_shapes", "ensure_shapes", "ensure_split", "register_split", "register_shapes"
 ]
 
 SHAPES_CLASSES = ["square", "circle", "triangle"]
@@ -134,22 +134,29 @@ def ensure_split(name: str, generate) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(name: str):
-    ensure_shapes(name)
-    meta = MetadataCatalog.get(name)
-    return load_coco_json(meta.json_file, meta.image_root, name)
+def register_split(name: str, root: str, split: str, classes, ensure) -> None:
+    """
+    Register a generated COCO-format split ``name`` (idempotent): ``root/annotations/instances_<split>.json``
+    and ``root/<split>/``, which ``ensure(name)`` generates on first use.
+    """
+    if name in DatasetCatalog.list():
+        return
+
+    def load():
+        ensure(name)
+        meta = MetadataCatalog.get(name)
+        return load_coco_json(meta.json_file, meta.image_root, name)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
+        image_root=os.path.join(root, split),
+        evaluator_type="coco",
+        thing_classes=list(classes),
+    )
 
 
 def register_shapes() -> None:
     """Register ``nl_shapes_train`` and ``nl_shapes_val`` (idempotent). Files are generated on first use."""
-    root = shapes_root()
     for name, (split, _, _) in SHAPES_SPLITS.items():
-        if name in DatasetCatalog.list():
-            continue
-        DatasetCatalog.register(name, lambda name=name: _load(name))
-        MetadataCatalog.get(name).set(
-            json_file=os.path.join(root, "annotations", f"instances_{split}.json"),
-            image_root=os.path.join(root, split),
-            evaluator_type="coco",
-            thing_classes=list(SHAPES_CLASSES),
-        )
+        register_split(name, shapes_root(), split, SHAPES_CLASSES, ensure_shapes)
