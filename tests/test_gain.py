@@ -130,3 +130,18 @@ def test_a_missing_dataset_stops_it_before_any_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"MODEL.BACKBONE.NAME 'build_resnet_fpn_backbone' is not a non-local builder"):
         gain.main(_argv(out, tmp_path / "gain.json", "--test-dataset", "nl_context_val", "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone"))
     assert not out.exists()
+
+
+def test_table5_mode_pairs_the_papers_configs_and_checks_coco_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(gain.subprocess, "Popen", lambda *a, **k: pytest.fail("a run was started"))
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"DATASETS.TRAIN names dataset 'coco_2017_train', whose json_file"):
+        gain.main(["--table5", "R50", "R101", "--output-dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+    configs = os.path.join(REPO, "configs")
+    plans = gain.plan_pair(
+        os.path.join(configs, "mask_rcnn_nl_R50.yaml"), os.path.join(configs, "mask_rcnn_R50.yaml"),
+        ["DATASETS.TRAIN", "('nl_shapes_train',)", "DATASETS.TEST", "('nl_shapes_val',)"],
+    )
+    assert plans["baseline"][0].endswith("configs/mask_rcnn_R50.yaml")
+    assert plans["nonlocal"][0].endswith("configs/mask_rcnn_nl_R50.yaml")
