@@ -66,8 +66,9 @@ compare_results = _load_tool("compare_results")
 
 def plan_pair(nonlocal_config: str, baseline_config: str, opts) -> dict:
     """
-    {"baseline": (config, opts), "nonlocal": (config, opts)}, checked: both configs load, the non-local one
-    builds non-local blocks, and every dataset of both is registered and present (before any training).
+    {"baseline": (config, opts), "nonlocal": (config, opts)}: without ``baseline_config``, the baseline is
+    the non-local config with detectron2's backbone builder. Checked before any training: both configs
+    load, have a test dataset, and every dataset of both is registered and present.
     """
     from nl_detectron.config_files import load_config
     from nl_detectron.data import check_datasets
