@@ -143,3 +143,45 @@ def test_reads_what_train_net_writes_and_train_net_writes_tensorboard_events(tmp
     assert [(r["backbone"], r["model"]) for r in rows[:3]] == [("R18", "baseline"), ("R18", "+1 NL"), ("R18", "delta")]
     assert rows[1]["AP box"] == f"{final['bbox/AP']:.1f}" and rows[1]["AP mask"] == f"{final['segm/AP']:.1f}"
     assert rows[2]["AP box"] == f"{final['bbox/AP'] - 0.5:+.1f}"
+
+
+def _gain_result(baseline, nonlocal_, seeds):
+    """A benchmarks/gain.py result: per model, per seed, box then mask (AP, AP50, AP75)."""
+    def model(values):
+        runs = [
+            {"seed": s, "bbox": dict(zip(["AP", "AP50", "AP75"], v[:3])), "segm": dict(zip(["AP", "AP50", "AP75"], v[3:]))}
+            for s, v in zip(seeds, values)
+        ]
+        return {"seeds": list(seeds), "runs": runs}
+    return {"baseline": model(baseline), "nonlocal": model(nonlocal_)}
+
+
+def test_seed_table5_has_mean_std_every_seed_and_the_seedwise_difference():
+    baseline = [[10, 20, 30, 40, 50, 60], [12, 22, 33, 42, 52, None], [14, 24, 36, 44, 54, 66]]
+    nonlocal_ = [[11, 25, 30, 41, 55, 61], [16, 22, 30, 43, 53, 63], [15, 25, 36, 48, 54, 66]]
+    table = tool.seed_table5([("R50", _gain_result(baseline, nonlocal_, [7, 8, 9]))])
+    rows = _parse(table)
+    assert list(rows[0])[:3] == ["backbone", "model", "seeds"]
+    labels = [(r["model"], r["seeds"]) for r in rows]
+    assert labels == [
+        ("baseline", "mean ± std (3 seeds)"), ("baseline", "seed 7"), ("baseline", "seed 8"), ("baseline", "seed 9"),
+        ("+1 NL", "mean ± std (3 seeds)"), ("+1 NL", "seed 7"), ("+1 NL", "seed 8"), ("+1 NL", "seed 9"),
+        ("delta", "mean ± std (3 seeds)"), ("delta", "seed 7"), ("delta", "seed 8"), ("delta", "seed 9"),
+        ("baseline", "paper"), ("+1 NL", "paper"), ("delta", "paper"),
+    ]
+    # Box AP: baseline 10, 12, 14 (mean 12, sample std 2); non-local 11, 16, 15; per-seed deltas 1, 4, 1.
+    assert rows[0]["AP box"] == "12.0 ± 2.0" and rows[2]["AP box"] == "12.0"
+    assert rows[4]["AP box"] == "14.0 ± 2.6"  # std of 11, 16, 15: sqrt(7) = 2.65
+    assert [rows[i]["AP box"] for i in (8, 9, 10, 11)] == ["+2.0 ± 1.7", "+1.0", "+4.0", "+1.0"]
+    assert rows[8]["AP50 box"] == "+2.0 ± 2.6"  # deltas 5, 0, 1
+    # A metric COCOeval left undefined (None in the JSON) shows as missing, and so do its mean and delta.
+    assert [rows[i]["AP75 mask"] for i in (0, 2, 8, 10)] == ["—"] * 4
+    assert rows[4]["AP75 mask"] == "63.3 ± 2.5" and rows[11]["AP75 mask"] == "+0.0"
+    assert rows[12]["AP box"] == "38.0" and rows[14]["AP box"] == "+1.0"
+
+
+def test_seed_table5_refuses_runs_of_different_seeds():
+    result = _gain_result([[1] * 6], [[2] * 6], [1])
+    result["nonlocal"]["seeds"] = [2]
+    with pytest.raises(ValueError, match=r"baseline seeds \[1\] and non-local seeds \[2\] differ"):
+        tool.seed_table5([("R18", result)])

@@ -202,6 +202,73 @@ def main_table6(argv=None) -> str:
     return table
 
 
+def seed_statistics(values: List[float]):
+    """(mean, sample standard deviation): the std is nan for fewer than 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std
+
+
+def _seed_values(model_results, seeds) -> Dict[int, List[float]]:
+    """{seed: [METRICS values]} of one model of a benchmarks/gain.py result."""
+    runs = {run["seed"]: run for run in model_results["runs"]}
+    if sorted(runs) != sorted(seeds):
+        raise ValueError(f"the result's runs have seeds {sorted(runs)}, its seed list is {sorted(seeds)}")
+    value = lambda run, task, metric: float("nan") if run[task].get(metric) is None else run[task][metric]  # noqa: E731
+    return {s: [value(runs[s], task, metric) for task, metric in METRICS] for s in seeds}
+
+
+def _mean_std_row(per_seed: List[List[float]], signed: bool = False) -> List[str]:
+    cells = []
+    for column in zip(*per_seed):
+        mean, std = seed_statistics(list(column))
+        if math.isnan(mean):  # some seed has no value
+            cells.append("—")
+            continue
+        text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
+        cells.append(text + (f" ± {std:.1f}" if not math.isnan(std) else ""))
+    return cells
+
+
+def seed_table5(comparisons) -> str:
+    """
+    Markdown, in the Table 5 layout, of benchmarks/gain.py results: for each (backbone, result) of
+    ``comparisons``, the baseline's, the non-local model's and their difference's mean ± sample standard
+    deviation over the seeds and every seed's value (the difference per seed: the two models trained
+    with the same seed), then the paper's rows for that backbone where it has them.
+
+    Args:
+        comparisons: [(backbone name, result)], each result a dict with "baseline" and "nonlocal", each
+            {"seeds": [...], "runs": [{"seed": s, "bbox": {"AP": ...}, "segm": {...}}, ...]}.
+    """
+    rows = [HEADERS[:2] + ["seeds"] + HEADERS[3:], ["---"] * 2 + [":---"] + ["---:"] * 6]
+    for backbone, result in comparisons:
+        seeds = list(result["baseline"]["seeds"])
+        if list(result["nonlocal"]["seeds"]) != seeds:
+            raise ValueError(
+                f"{backbone}: baseline seeds {seeds} and non-local seeds {result['nonlocal']['seeds']} differ; "
+                "the difference is taken seed by seed"
+            )
+        baseline = _seed_values(result["baseline"], seeds)
+        nonlocal_ = _seed_values(result["nonlocal"], seeds)
+        delta = {s: [y - x for x, y in zip(baseline[s], nonlocal_[s])] for s in seeds}
+        stats = f"mean ± std ({len(seeds)} seeds)"
+        for name, values, signed in (("baseline", baseline, False), ("+1 NL", nonlocal_, False), ("delta", delta, True)):
+            rows.append([backbone, name, stats] + _mean_std_row([values[s] for s in seeds], signed))
+            for s in seeds:
+                cells = [f"{v:+.1f}" if not math.isnan(v) else "—" for v in values[s]] if signed else _row(values[s])
+                rows.append([backbone, name, f"seed {s}"] + cells)
+        if backbone in PAPER_TABLE5:
+            paper = PAPER_TABLE5[backbone]
+            rows += [
+                [backbone, "baseline", "paper"] + _row(paper[0]),
+                [backbone, "+1 NL", "paper"] + _row(paper[1]),
+                [backbone, "delta", "paper"] + _delta(*paper),
+            ]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(

@@ -25,6 +25,7 @@ on the chosen block to catch its input, removes it after the one forward pass, a
 its weights (NonLocalBlock2d.pairwise_weights).
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
@@ -264,6 +265,72 @@ def summary_sheet(image_rgb, overlays, maps, points, title, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def has_cues(dataset_name: str) -> bool:
+    """Whether the dataset's COCO json gives every image a "cue" box (the context-cue dataset does)."""
+    json_file = getattr(MetadataCatalog.get(dataset_name), "json_file", None)
+    if not json_file or not os.path.isfile(json_file):
+        return False
+    with open(json_file) as f:
+        images = json.load(f)["images"]
+    return bool(images) and all("cue" in image for image in images)
+
+
+def _object_points(bbox) -> List[Tuple[int, int]]:
+    """A 3 x 3 sample of a box's interior (x, y, w, h): its centre and the points at 1/4 and 3/4 of it."""
+    x, y, w, h = bbox
+    return [(int(x + fx * w), int(y + fy * h)) for fy in (0.25, 0.5, 0.75) for fx in (0.25, 0.5, 0.75)]
+
+
+@torch.no_grad()
+def cue_attention_share(cfg, weights: str, dataset_name: str, block_name: str = "", max_images: int = 0) -> dict:
+    """
+    How much of its attention a non-local block's object queries put on the cue, against the cue's
+    share of the key positions, over a dataset whose COCO json gives each image a "cue" box.
+
+    Queries: the block's feature cells under a 3 x 3 sample of each annotated object's box (each cell
+    once per object). Cue keys: the key cells (after subsampling) that overlap the cue's box. For each
+    query, its share is the sum of its weights on the cue keys over the sum of all its weights (for the
+    softmax modes, the sum itself), and its uniform share is the number of cue keys over the number of
+    keys: what a query that attends to every key alike would put there.
+
+    Returns: {"share", "uniform_share"} averaged over all queries of all images, "ratio" (their
+    quotient: 1 for attention that ignores the cue), "queries", "images", "block".
+    """
+    model = build_model(cfg)
+    SafeCheckpointer(model).load(weights)
+    model.eval()
+    blocks = nonlocal_blocks(model)
+    block_name = block_name or next(iter(blocks), "")
+    with open(MetadataCatalog.get(dataset_name).json_file) as f:
+        cues = {image["id"]: image["cue"]["bbox"] for image in json.load(f)["images"]}
+    records = DatasetCatalog.get(dataset_name)
+    records = records[:max_images] if max_images else records
+    mapper = inference_mapper(cfg)
+    shares, uniforms = [], []
+    for record in records:
+        model_input = mapper({k: record[k] for k in ("file_name", "height", "width", "image_id")})
+        points = [p for ann in record["annotations"] for p in _object_points(ann["bbox"])]
+        result = attention_maps(model, block_name, model_input, points)
+        # Each object's distinct cells (cells[i] belongs to points[i]; 9 points per object).
+        cells = result["cells"].reshape(-1, 9, 2)
+        rows = [k * 9 + i for k, obj in enumerate(cells) for i in sorted({tuple(c): i for i, c in enumerate(obj)}.values())]
+        maps = result["maps"][rows]
+        # The cue box in the resized image's pixels; key (r, c) covers [c * ks, (c + 1) * ks) x [r * ks, ...).
+        scale_y = model_input["image"].shape[-2] / record["height"]
+        scale_x = model_input["image"].shape[-1] / record["width"]
+        x, y, w, h = cues[record["image_id"]]
+        hk, wk = maps.shape[-2:]
+        ks = result["key_stride"]
+        key_x0, key_y0 = np.arange(wk) * ks, np.arange(hk) * ks
+        over_x = (key_x0 < (x + w) * scale_x) & (key_x0 + ks > x * scale_x)
+        over_y = (key_y0 < (y + h) * scale_y) & (key_y0 + ks > y * scale_y)
+        cue_keys = over_y[:, None] & over_x[None, :]
+        shares += list(maps[:, cue_keys].sum(axis=1) / maps.reshape(len(maps), -1).sum(axis=1))
+        uniforms += [cue_keys.sum() / cue_keys.size] * len(maps)
+    share, uniform = float(np.mean(shares)), float(np.mean(uniforms))
+    return dict(share=share, uniform_share=uniform, ratio=share / uniform, queries=len(shares), images=len(records), block=block_name)
 
 
 def get_parser():

@@ -3,6 +3,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .context_cue import CONTEXT_SPLITS, ensure_context
 from .houses import HOUSES_SPLITS, ensure_houses
 from .shapes import SHAPES_SPLITS, ensure_shapes
 
@@ -54,8 +55,10 @@ def check_datasets(cfg) -> None:
 
 
 def ensure_builtin_dataset(name: str) -> None:
-    """Generate ``name`` if it is one of the built-in datasets (shapes, houses) and not there yet."""
+    """Generate ``name`` if it is one of the built-in datasets (shapes, houses, context cue) and not there yet."""
     if name in SHAPES_SPLITS:
         ensure_shapes(name)
     elif name in HOUSES_SPLITS:
         ensure_houses(name)
+    elif name in CONTEXT_SPLITS:
+        ensure_context(name)

@@ -1,0 +1,117 @@
+"""
+The context-cue dataset: grey shapes whose category is the colour of one small unannotated marker placed
+far from all of them, in COCO format.
+
+Every object of an image is a square, circle or triangle in a shade of grey; its category ("red", "green"
+or "blue") is the colour of the image's one marker, a coloured square that is not annotated and whose
+edges lie at least ``MIN_GAP`` pixels from every object's bounding box. Nothing on or around an object
+tells its category: a detector has to carry the marker's colour across the image to the object, the
+long-range dependency that a non-local block is meant to capture (docs/gain.md).
+
+Generated deterministically from a seed like the shapes dataset (nl_detectron/data/shapes.py), cached,
+and registered as ``nl_context_train`` and ``nl_context_val``. Each image entry of the COCO json also
+holds its marker, ``"cue": {"bbox": [x, y, w, h], "category_id": c}``, for the attention measurements.
+"""
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from detectron2.data import MetadataCatalog
+
+from .shapes import SHAPES_CLASSES, _polygon, ensure_generated, register_generated, write_coco_split
+
+__all__ = ["CONTEXT_CLASSES", "CONTEXT_SPLITS", "context_root", "generate_context", "ensure_context", "register_context"]
+
+CONTEXT_CLASSES = ["red", "green", "blue"]
+MARKER_COLOURS = [(230, 30, 30), (30, 210, 30), (40, 70, 240)]  # in CONTEXT_CLASSES order
+# name -> (split, number of images, seed). Changing the generator or these numbers means bumping _VERSION.
+CONTEXT_SPLITS = {"nl_context_train": ("train", 1000, 10), "nl_context_val": ("val", 100, 11)}
+IMAGE_SIZE = 160
+MARKER_SIZE = 24  # pixels; 25 px in a 256 px image was too small to be learned in 500 iterations (issue 10)
+# Pixels between the marker's edges and every object's bounding box: more than the marker's size, so that
+# an object's own neighbourhood (the region a RoI's 7 x 7 pooled features and a few convolutions cover) holds
+# nothing of it.
+MIN_GAP = 40
+MAX_OBJECTS = 3
+_VERSION = 1
+
+
+def context_root() -> str:
+    """The cache directory: ``$NL_DETECTRON_CACHE/context-v1`` (default ``~/.cache/nl_detectron``)."""
+    cache = os.environ.get("NL_DETECTRON_CACHE", os.path.join("~", ".cache", "nl_detectron"))
+    return os.path.join(os.path.expanduser(cache), f"context-v{_VERSION}")
+
+
+def box_gap(a, b) -> float:
+    """Euclidean distance between two boxes (x0, y0, x1, y1); 0 where they touch or overlap."""
+    dx = max(b[0] - a[2], a[0] - b[2], 0.0)
+    dy = max(b[1] - a[3], a[1] - b[3], 0.0)
+    return math.hypot(dx, dy)
+
+
+def _draw_image(rng: np.random.RandomState, size: int):
+    """One image (PIL), its object annotations (at least one) and ``{"cue": {"bbox", "category_id"}}``."""
+    while True:
+        mx, my = (int(v) for v in rng.randint(0, size - MARKER_SIZE + 1, size=2))  # whole pixels
+        marker = (mx, my, mx + MARKER_SIZE, my + MARKER_SIZE)
+        objects = []
+        for _ in range(rng.randint(1, MAX_OBJECTS + 1)):
+            for _attempt in range(30):
+                r = rng.uniform(size * 0.08, size * 0.16)
+                cx, cy = rng.uniform(r, size - r, size=2)
+                box = (cx - r, cy - r, cx + r, cy + r)  # the circumscribed square: a shape's bbox lies inside
+                if box_gap(box, marker) >= MIN_GAP and all(box_gap(box, o[1]) > 2 for o in objects):
+                    objects.append(((cx, cy, r), box))
+                    break
+        if objects:
+            break
+    category = rng.randint(len(CONTEXT_CLASSES))
+    # Grey background and grey shapes: no colour anywhere but the marker's.
+    background = rng.randint(0, 256)
+    noise = rng.randint(-20, 21, size=(size, size, 1))
+    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8).repeat(3, axis=2))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([marker[0], marker[1], marker[2] - 1, marker[3] - 1], fill=MARKER_COLOURS[category])
+    annotations = []
+    for (cx, cy, r), _ in objects:
+        kind = SHAPES_CLASSES[rng.randint(len(SHAPES_CLASSES))]
+        vertices = _polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi))
+        grey = int((background + rng.randint(80, 176)) % 256)
+        draw.polygon(vertices, fill=(grey, grey, grey))
+        xs, ys = [v[0] for v in vertices], [v[1] for v in vertices]
+        area = 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs))))
+        annotations.append(
+            {
+                "category_id": category + 1,
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                "segmentation": [[c for v in vertices for c in v]],
+                "area": area,
+                "iscrowd": 0,
+            }
+        )
+    cue = {"bbox": [marker[0], marker[1], MARKER_SIZE, MARKER_SIZE], "category_id": category + 1}
+    return image, annotations, {"cue": cue}
+
+
+def generate_context(root: str, split: str, num_images: int, seed: int, size: int = IMAGE_SIZE) -> None:
+    """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json`` (COCO format, plus "cue")."""
+    write_coco_split(
+        root, split, f"instances_{split}.json", num_images, seed, size, _draw_image,
+        categories=[{"id": i + 1, "name": n} for i, n in enumerate(CONTEXT_CLASSES)],
+        description=f"nl_detectron context cue, split {split}, seed {seed}: grey shapes whose category "
+        f"is the colour of a {MARKER_SIZE} px marker at least {MIN_GAP} px from them",
+    )
+
+
+def ensure_context(name: str) -> None:
+    """Generate split ``name`` where its metadata points, unless it is there; safe when processes race."""
+    split, num_images, seed = CONTEXT_SPLITS[name]
+    ensure_generated(MetadataCatalog.get(name), lambda root: generate_context(root, split, num_images, seed))
+
+
+def register_context() -> None:
+    """Register ``nl_context_train`` and ``nl_context_val`` (idempotent). Files are generated on first use."""
+    register_generated(CONTEXT_SPLITS, context_root(), "instances_{split}.json", ensure_context,
+                       thing_classes=list(CONTEXT_CLASSES))
