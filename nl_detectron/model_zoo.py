@@ -28,9 +28,7 @@ def configs_dir() -> str:
     """The directory that holds the configs: the installed package's, else the source checkout's."""
     installed = importlib.resources.files(__package__).joinpath("configs")
     if installed.is_dir():
-        # A wheel installs plain files; as_file gives their path (zip imports would extract them).
-        with importlib.resources.as_file(installed) as path:
-            return str(path)
+        return str(installed)  # a wheel installs plain files, which detectron2's loaders read by path
     checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     if os.path.isdir(checkout):
         return checkout
@@ -60,12 +58,12 @@ def get_config_file(config_path: str) -> str:
     Returns:
         the config file's absolute path.
     """
-    path = os.path.join(configs_dir(), *config_path.split("/"))
-    if not config_path.endswith(_CONFIG_SUFFIXES) or not os.path.isfile(path):
+    available = list_configs()
+    if config_path not in available:
         raise RuntimeError(
-            f"{config_path!r} is not one of nl_detectron's configs; valid choices: {', '.join(list_configs())}"
+            f"{config_path!r} is not one of nl_detectron's configs; valid choices: {', '.join(available)}"
         )
-    return path
+    return os.path.join(configs_dir(), *config_path.split("/"))
 
 
 def get_config(config_path: str) -> Union[CfgNode, DictConfig]:

@@ -45,7 +45,9 @@ def test_model_zoo_finds_the_checkouts_configs():
     assert [list(loc) for loc in lazy.model.backbone.bottom_up.locations] == [["res4", -1]]
 
 
-@pytest.mark.parametrize("name", ["mask_rcnn_nl_R49.yaml", "configs/mask_rcnn_nl_R50.yaml", "Base-RCNN-FPN", ""])
+@pytest.mark.parametrize(
+    "name", ["mask_rcnn_nl_R49.yaml", "configs/mask_rcnn_nl_R50.yaml", "Base-RCNN-FPN", "", "../setup.py", "quick"]
+)
 def test_unknown_config_names_it_and_lists_the_valid_ones(name):
     with pytest.raises(RuntimeError, match=f"^{name!r} is not one of nl_detectron's configs") as e:
         model_zoo.get_config_file(name)
