@@ -130,10 +130,20 @@ def wait_all(processes, logs):
         assert p.returncode == 0, log.read_text()[-5000:]
 
 
-def assert_same_parameters(ranks):
+def assert_two_ranks_trained_in_sync(probe_dir, final_checkpoint):
+    """Both ranks trained through DDP to the same parameters; only rank 0 saved, and saved those."""
+    ranks = [torch.load(probe_dir / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert (rank["world_size"], rank["backend"], rank["wrapper"]) == (2, "gloo", "DistributedDataParallel")
+        assert rank["iter"] == ITERATIONS  # TrainerBase.train leaves iter at max_iter
     assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name
+    # The periodic checkpoint (period 2) and the final one, by rank 0 alone.
+    assert saves(probe_dir, 0) == ["model_0000001", "model_final"] and saves(probe_dir, 1) == []
+    final = torch.load(final_checkpoint, weights_only=True)["model"]
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(final[name], value), name
 
 
 def test_train_net_as_two_machines_on_the_loopback_address(tmp_path):
@@ -154,17 +164,8 @@ def test_train_net_as_two_machines_on_the_loopback_address(tmp_path):
         processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
     wait_all(processes, logs)
 
-    ranks = [torch.load(probe_dir / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
-    for rank in ranks:
-        assert (rank["world_size"], rank["backend"], rank["wrapper"]) == (2, "gloo", "DistributedDataParallel")
-        assert rank["iter"] == ITERATIONS  # TrainerBase.train leaves iter at max_iter
-    assert_same_parameters(ranks)
-    # Only machine 0 saved checkpoints (the periodic one and the final one), with those parameters.
-    assert saves(probe_dir, 0) == ["model_0000001", "model_final"] and saves(probe_dir, 1) == []
+    assert_two_ranks_trained_in_sync(probe_dir, tmp_path / "machine0" / "model_final.pth")
     assert not [f for f in os.listdir(tmp_path / "machine1") if f.endswith(".pth") or f == "last_checkpoint"]
-    final = torch.load(tmp_path / "machine0" / "model_final.pth", weights_only=True)["model"]
-    for name, value in ranks[0]["params"].items():
-        assert torch.equal(final[name], value), name
 
 
 def test_lazyconfig_train_net_with_two_cpu_processes(tmp_path):
@@ -189,15 +190,7 @@ def test_lazyconfig_train_net_with_two_cpu_processes(tmp_path):
     processes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)]
     wait_all(processes, [log])
 
-    ranks = [torch.load(probe_dir / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
-    for rank in ranks:
-        assert (rank["world_size"], rank["backend"], rank["wrapper"]) == (2, "gloo", "DistributedDataParallel")
-        assert rank["iter"] == ITERATIONS  # TrainerBase.train leaves iter at max_iter
-    assert_same_parameters(ranks)
-    assert saves(probe_dir, 0) == ["model_0000001", "model_final"] and saves(probe_dir, 1) == []
-    final = torch.load(out / "model_final.pth", weights_only=True)["model"]
-    for name, value in ranks[0]["params"].items():
-        assert torch.equal(final[name], value), name
+    assert_two_ranks_trained_in_sync(probe_dir, out / "model_final.pth")
 
 
 # A config in which 2 processes x 1 image compute what 1 process x 2 images computes, up to rounding:
