@@ -47,7 +47,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["nl_detectron", "nl_detectron.*"]),
     cmdclass={"build_py": build_py_with_configs},
-    python_requires=">=3.10",  # torch 2.x,
+    python_requires=">=3.10",  # what torch 2.14 requires
     # What nl_detectron imports that the package index has. torch, torchvision and detectron2 are
     # prerequisites installed beforehand (detectron2 is not on the index; torch is your own build for
     # your CUDA): `make install` installs all of it from requirements.txt and scripts/install_detectron2.py.
