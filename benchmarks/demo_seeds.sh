@@ -2,7 +2,7 @@
 # The demo's recipe (configs/quick/mask_rcnn_nl_R18_shapes.yaml) trained and COCO-evaluated once per seed:
 # prints each run's wall time, seconds per iteration and box / mask AP, as docs/performance.md reports them.
 #   benchmarks/demo_seeds.sh OUT_DIR SEED [SEED ...]        (extra KEY VALUE overrides: OPTS="...")
-# Run it on an idle machine: each run is a whole `make demo` (about 5 minutes on 2 cores).
+# Run it on an idle machine: each run is a whole `make demo` (7.5 minutes on an idle 2-core EPYC).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1; shift
