@@ -29,4 +29,4 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) output
+	rm -rf $(VENV) output build dist *.egg-info

@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
 
 import nl_detectron
+import reference_nonlocal as reference
 from nl_detectron import NonLocalBlock2d, add_nonlocal_config, nonlocal_blocks
 
 FPN = "build_resnet_fpn_nl_backbone"
@@ -127,6 +128,16 @@ VARIANTS = [
 ]
 
 
+EMBEDDING_KEYS = ["theta.weight", "theta.bias", "phi.weight", "phi.bias", "g.weight", "g.bias"]
+# The block's parameters and buffers for each MODEL.NONLOCAL.NORM: W_z has a bias only without a norm.
+BLOCK_KEYS = {
+    "": EMBEDDING_KEYS + ["w_z.weight", "w_z.bias"],
+    "BN": EMBEDDING_KEYS + ["w_z.weight"] + [f"w_z.norm.{k}" for k in ("weight", "bias", "running_mean", "running_var")],
+    "GN": EMBEDDING_KEYS + ["w_z.weight", "w_z.norm.weight", "w_z.norm.bias"],
+}
+BLOCK_NORM_TYPE = {"": type(None), "BN": torch.nn.BatchNorm2d, "GN": torch.nn.GroupNorm}
+
+
 @pytest.mark.parametrize("builder", [FPN, C4])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variants_build_run_and_equal_the_baseline_at_init(builder, variant):
@@ -142,13 +153,15 @@ def test_variants_build_run_and_equal_the_baseline_at_init(builder, variant):
     assert name == f"{RESNET_PREFIX[builder]}res4.nonlocal{last}"
     assert block.in_channels == (256 if depth < 50 else 1024)
 
-    # The baseline's weights load under their own names; only the block's own are missing.
+    # The baseline's weights load under their own names; only the block's own are missing: its
+    # embeddings and W_z, with the norm after W_z that MODEL.NONLOCAL.NORM names, written out here.
     incompatible = backbone.load_state_dict(baseline.state_dict(), strict=False)
     assert incompatible.unexpected_keys == []
     # (BatchNorm fills in a missing num_batches_tracked itself instead of reporting it.)
     assert sorted(incompatible.missing_keys) == sorted(
-        f"{name}.{k}" for k in block.state_dict() if not k.endswith("num_batches_tracked")
+        f"{name}.{k}" for k in BLOCK_KEYS[cfg.MODEL.NONLOCAL.NORM]
     )
+    assert type(block.w_z.norm) is BLOCK_NORM_TYPE[cfg.MODEL.NONLOCAL.NORM]
 
     x = torch.randn(2, 3, 64, 64)
     expected, out = baseline(x), backbone(x)
@@ -265,3 +278,81 @@ def test_freeze_at_below_the_nonlocal_stage_works(freeze_at):
     for stage in ["stem", "res2", "res3", "res4", "res5"]:
         params = list(getattr(resnet, stage).parameters())
         assert all(p.requires_grad != (stage in frozen) for p in params), stage
+
+
+# MODEL.NONLOCAL settings, each one reaching the block through the config: the built block computes what
+# the paper's equations (tests/reference_nonlocal.py) compute with those settings, written out here.
+CONFIG_TO_BLOCK = [
+    pytest.param(dict(USE_SCALE=False), id="unscaled"),
+    pytest.param(dict(REDUCTION=4), id="reduction4"),
+    pytest.param(dict(REDUCTION=1, MODE="dot_product"), id="reduction1-dot_product"),
+    pytest.param(dict(NORM="GN", USE_SCALE=False, REDUCTION=8), id="GN-unscaled-reduction8"),
+    pytest.param(dict(NORM="BN", SUBSAMPLE=False), id="BN-no-subsampling"),
+    pytest.param(dict(MODE="gaussian", USE_SCALE=False, SUBSAMPLE_INPUT=True), id="gaussian-unscaled-x-pooled"),
+    pytest.param(dict(MODE="concatenation", SUBSAMPLE_INPUT=True), id="concatenation-x-pooled"),
+]
+NONLOCAL_DEFAULTS = dict(MODE="embedded_gaussian", REDUCTION=2, SUBSAMPLE=True, SUBSAMPLE_INPUT=False, USE_SCALE=True, NORM="")
+
+
+@pytest.mark.parametrize("builder", [FPN, C4])
+@pytest.mark.parametrize("settings", CONFIG_TO_BLOCK)
+def test_nonlocal_config_keys_reach_the_block(builder, settings):
+    keys = dict(NONLOCAL_DEFAULTS, **settings)
+    backbone = build_backbone(backbone_cfg(builder, depth=18, **settings)).eval()
+    (block,) = nonlocal_blocks(backbone).values()
+    assert block.in_channels == 256  # R18's res4
+    assert block.inner_channels == 256 // keys["REDUCTION"]
+    assert type(block.w_z.norm) is BLOCK_NORM_TYPE[keys["NORM"]]
+    # Weights and norm statistics far from their identity-mapping start, so that every setting shows.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, t in block.state_dict().items():
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            elif t.is_floating_point():
+                t.normal_(std=0.3)
+
+    x = torch.randn(2, 256, 7, 6, dtype=torch.float64)
+    norm = None
+    if keys["NORM"] == "BN":
+        n = block.w_z.norm
+        norm = reference.batch_norm_eval(n.weight.double(), n.bias.double(), n.running_mean.double(), n.running_var.double(), 1e-5)
+    elif keys["NORM"] == "GN":
+        norm = reference.group_norm(32, block.w_z.norm.weight.double(), block.w_z.norm.bias.double(), 1e-5)
+    expected = reference.reference_nonlocal(
+        x, reference.block_weights(block, torch.float64), mode=keys["MODE"], sub_sample=keys["SUBSAMPLE"],
+        sub_sample_input=keys["SUBSAMPLE_INPUT"], use_scale=keys["USE_SCALE"], norm=norm,
+    )
+    with torch.no_grad():
+        out = block.double()(x)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_dc5_c4_backbone_has_the_block_and_dilated_res5():
+    """DC5 (RES5_DILATION 2): res5 stays at stride 16 with dilated 3x3 convs; blocks in res4 and in res5."""
+    cfg = backbone_cfg(C4, 50, LOCATIONS=[["res4", -1], ["res5", -1]])
+    cfg.MODEL.RESNETS.RES5_DILATION = 2
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]  # detectron2's Base-RCNN-DilatedC5.yaml
+    baseline, backbone = build_backbone(baseline_of(cfg)), build_backbone(cfg)
+    assert {n: b.in_channels for n, b in nonlocal_blocks(backbone).items()} == {
+        "res4.nonlocal5": 1024, "res5.nonlocal2": 2048
+    }
+    assert backbone.output_shape()["res5"].stride == 16
+    assert [n for n, _ in backbone.res5.named_children()] == ["0", "1", "nonlocal2", "2"]
+    assert all(backbone.res5.get_submodule(f"{i}.conv2").dilation == (2, 2) for i in range(3))
+    assert backbone.load_state_dict(baseline.state_dict(), strict=False).unexpected_keys == []
+    x = torch.randn(1, 3, 64, 96)
+    out, expected = backbone(x)["res5"], baseline(x)["res5"]
+    assert out.shape == (1, 2048, 4, 6)  # stride 16
+    assert torch.equal(out, expected)  # identity at initialisation
+
+
+def test_dc5_fpn_backbone_is_refused_as_detectron2_refuses_it():
+    """detectron2's FPN needs strides that double from level to level, which a dilated res5 breaks."""
+    cfg = backbone_cfg(FPN, 50)
+    cfg.MODEL.RESNETS.RES5_DILATION = 2
+    with pytest.raises(AssertionError) as baseline_error:
+        build_backbone(baseline_of(cfg))
+    with pytest.raises(AssertionError) as error:
+        build_backbone(cfg)
+    assert str(error.value) == str(baseline_error.value) == "Strides 16 16 are not log2 contiguous"

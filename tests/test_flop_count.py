@@ -112,5 +112,13 @@ def test_backbone_counts_the_block_at_its_res4_input():
     by_module = analysis.by_module()  # detectron2's tracing wrapper prefixes names with "model."
     block_flops = by_module["model.bottom_up.res4.nonlocal5"]
     assert block_flops == analytic_flops("embedded_gaussian", 1, 1024, 10, 6, True)
-    assert by_module["model.bottom_up.res4"] > block_flops > 0
-    assert analysis.total() == by_module[""] > by_module["bottom_up.res4"]
+    # The rest is detectron2's baseline backbone, counted the same way: the block adds its own count to
+    # res4 and to the total, and nothing else changes. (by_module is a Counter: a misspelt name would
+    # read 0, hence the explicit membership checks.)
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    baseline = flop_count_analysis(build_backbone(cfg).eval(), x).by_module()
+    for name in ("model.bottom_up.res4", "model.bottom_up.res5", "model.bottom_up.stem", ""):
+        assert name in by_module and name in baseline, name
+    assert by_module["model.bottom_up.res4"] == baseline["model.bottom_up.res4"] + block_flops
+    assert by_module["model.bottom_up.res5"] == baseline["model.bottom_up.res5"] > 0
+    assert analysis.total() == by_module[""] == baseline[""] + block_flops
