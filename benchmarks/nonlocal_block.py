@@ -353,15 +353,21 @@ def main():
             print(f"{mode:17s} {case:10s} {1e3 * ours['time_s']:8.1f} {1e3 * naive['time_s']:8.1f} "
                   f"{result['time_ratio']:8.2f} {ours['peak_mb']:7.0f} {naive['peak_mb']:8.0f} "
                   f"{result['memory_ratio']:7.3f}  {result['sdpa_backend']}", flush=True)
+            if args.json:  # after every case, so that a run cut short leaves what it measured
+                write_json(args.json, info, args, repeats, cases, rows, complete=False)
     print(f"{time.time() - start:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
-                       "repeats": repeats, "cases": {
-                k: dict(zip(("channels", "height", "width", "sub_sample", "sub_sample_input"), v))
-                for k, v in CASES.items() if k in cases
-            }, "results": rows}, f, indent=2)
+        write_json(args.json, info, args, repeats, cases, rows, complete=True)
         print(f"wrote {args.json}")
+
+
+def write_json(path, info, args, repeats, cases, rows, complete):
+    with open(path, "w") as f:
+        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
+                   "repeats": repeats, "quick": args.quick, "complete": complete, "cases": {
+            k: dict(zip(("channels", "height", "width", "sub_sample", "sub_sample_input"), v))
+            for k, v in CASES.items() if k in cases
+        }, "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

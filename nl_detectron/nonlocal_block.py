@@ -9,8 +9,9 @@ from torch import nn
 
 from detectron2.layers import Conv2d, get_norm
 
-from .layout import memory_format, rows, rows_to_map, to_memory_format
+from .layout import rows, rows_to_map
 from .pairwise import concatenation_attention, dot_product_attention, softmax_attention
+from .subsample import max_pool_2x2
 
 __all__ = ["NonLocalBlock2d", "NonLocalArgumentError", "NONLOCAL_MODES", "NONLOCAL_NORMS"]
 
@@ -146,14 +147,11 @@ class NonLocalBlock2d(nn.Module):
         b, _, h, w = self._check_input(x).shape
         query, key, value = self._embed(x)
         y = self._aggregate(query, key, value)  # (B, H*W, inner)
-        # In x's memory layout, so that W_z's output, and so the block's, keeps it: a channels-last output
-        # from an NCHW input would send every later layer down other conv kernels, and the block would no
-        # longer be the exact identity at initialisation.
-        y = rows_to_map(y, (h, w))
-        out = self.w_z(to_memory_format(y, memory_format(x)))
-        # In place into W_z's fresh output (no backward keeps it) instead of allocating another x-sized
-        # tensor; out of place where autocast made it lower precision than x.
-        return out.add_(x) if out.dtype == x.dtype else x + out
+        # y's rows seen as a channels-last map (a view): oneDNN's 1x1 convolution takes that layout as it
+        # is, where an NCHW input costs it reorder buffers of the input's and output's size.
+        out = self.w_z(rows_to_map(y.contiguous(), (h, w)))
+        # x first: the sum takes x's memory layout (the block's output and x's gradient keep it).
+        return x + out
 
     @torch.no_grad()
     def pairwise_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -205,8 +203,7 @@ class NonLocalBlock2d(nn.Module):
         query theta(x) (B, N, d), key phi(x) (B, N', d) and value g(x) (B, N', inner), one row per position
         (views of the convolutions' maps). ``gaussian`` compares x itself: its query and key are x.
         """
-        # ceil_mode: odd-sized maps keep their last row/column as keys instead of dropping them.
-        pool = lambda t: F.max_pool2d(t, 2, ceil_mode=True)  # noqa: E731
+        pool = max_pool_2x2  # ceil mode: odd-sized maps keep their last row/column as keys
         keys_from = pool(x) if self.sub_sample_input else x  # the authors' order: pool x, then phi and g
         if self.mode == "gaussian":
             query, key = x, keys_from

@@ -2,8 +2,9 @@
 The non-local block's pairwise aggregation ``y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j)`` (paper, eq. 1),
 one function per pairwise function f, on rows: queries (B, N, d), keys (B, N', d), values (B, N', C').
 
-Each function either materialises the N x N' matrix once or never keeps it, as the cost rule
-:func:`materialise_pairwise` decides per call; its docstring states what it keeps for backward.
+Each function's docstring states what it keeps for backward. The softmax modes either materialise the
+N x N' matrix once or never keep it, as the cost rule :func:`materialise_pairwise` decides per call;
+dot product never forms it; concatenation never keeps it.
 """
 import contextlib
 
@@ -17,42 +18,38 @@ __all__ = [
     "pairwise_chunk_elements",
 ]
 
-# Elements of one query chunk of the pairwise matrix, where a path works through chunks: on the CPU 16 MiB
-# in float32, cache-sized; on CUDA larger, since GPU kernels need large work items (at 16 MiB,
-# concatenation was 2-5x slower on an H100 for the launch overheads).
-pairwise_chunk_elements = {"cpu": 1 << 22, "cuda": 1 << 26}
-# CUDA materialises the matrix up to this many elements (4 GiB in float32), a budget that holds res4 and
-# res3 with subsampling at batch 2 (res3 without: 0.56e9): above it the fused kernels' memory wins.
-CUDA_MATERIALISE_ELEMENTS = 1 << 30
+# Elements of one query chunk of the pairwise matrix, where a path works through chunks: on the CPU 4 MiB
+# in float32, within the L3 cache, and small beside the matrix a chunk is part of (a chunk's temporaries
+# are live at the block's peak of memory); on CUDA larger, since GPU kernels need large work items (at
+# 16 MiB, concatenation was 2-5x slower on an H100 for the launch overheads).
+pairwise_chunk_elements = {"cpu": 1 << 20, "cuda": 1 << 26}
+# CUDA materialises the matrix up to this many elements (1 GiB in float32): res4 and res3 with
+# subsampling at batch 2 (res3 without: 0.56e9 elements); above it the fused kernels' memory wins.
+CUDA_MATERIALISE_ELEMENTS = 1 << 28
 
 
 def materialise_pairwise(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fused: bool) -> bool:
     """
-    The cost rule: whether a forward+backward should keep the one (B, N, N') matrix of pairwise weights
-    (``True``) rather than never keep it (a fused kernel, or query chunks recomputed in backward).
+    The cost rule of the softmax modes: whether a forward+backward keeps the one (B, N, N') matrix of
+    weights (``True``) or never keeps it (SDPA's fused kernel, which recomputes the weights in backward).
+    ``fused``: whether SDPA's fused kernels take these shapes at all (False for gaussian on the CPU: its
+    flash kernel needs as many value as key channels, and gaussian compares C-channel x against C/2-channel
+    g(x)). Only the device, the dtype, the head dim d and the matrix's size matter:
 
-    Keeping the matrix costs its memory and saves recomputing it, which is a matrix product in the
-    softmax modes. So it is kept where that is cheap in memory, or where there is no fast way around it:
-
-    * ``fused`` False (the mode has no fused kernel for these shapes: gaussian's C-channel logits against
-      C/2-channel values on the CPU), softmax modes: always, since recomputing C-channel logits costs
-      more time than the naive form takes.
-    * CPU: when the matrix has no more elements than the queries and values together times 2
-      (``N' <= 2 * (d + C')``): then the matrix is of the size of the block's own activations, and
-      keeping it (one matrix; autograd's matmul-softmax-matmul keeps one and holds three at its peak)
-      beats the fused kernel's time. Res4 with subsampling (N' = 1050 keys against 1024 channels) is
-      materialised, res4 without it and res3 are not.
-    * CUDA: where the fused kernels have no fast backward, i.e. in float32 (memory-efficient kernel)
-      and for head dims over 256 (res4's 512-d embeddings), up to ``CUDA_MATERIALISE_ELEMENTS``.
+    * CPU: keep it only where there is no fused kernel. SDPA's flash kernel was at most as slow as the
+      materialising form in every case of ``benchmarks/nonlocal_block.py`` in float32, with less memory,
+      down to res4 with x pooled (the smallest matrix, 2 x 4200 x 1050); in bfloat16 it was slower than
+      the naive form, and materialising (float32 products, as 16-bit ones cannot hold the logits on the
+      CPU) slower still. Gaussian's materialised form beats recomputing its C-channel logits.
+    * CUDA: keep it where the fused kernels have no fast backward, i.e. in float32 (the memory-efficient
+      kernel; 1.2-1.3x the naive form's time on an H100) and for head dims over 256 (res4's 512-d
+      embeddings, gaussian's x), up to ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is what
+      runs out, SDPA's forward and a backward over query chunks. 16-bit with d <= 256 (res3): SDPA.
     """
-    b, n, d = query.shape
-    elements = b * n * key.shape[1]
-    if query.is_cuda:
-        slow_fused = query.dtype == torch.float32 or d > 256 or not fused
-        return slow_fused and elements <= CUDA_MATERIALISE_ELEMENTS
-    if not fused:
-        return True
-    return key.shape[1] <= 2 * (d + value.shape[-1])
+    if not query.is_cuda:
+        return not fused
+    slow_fused = query.dtype == torch.float32 or query.shape[-1] > 256 or not fused
+    return slow_fused and query.shape[0] * query.shape[1] * key.shape[1] <= CUDA_MATERIALISE_ELEMENTS
 
 
 def _row_chunks(num_rows, chunk):
@@ -83,6 +80,25 @@ def _bmm(a, b, dtype):
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype and dtype == torch.float32:
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.to(dtype), b.to(dtype))
+
+
+def _weights_dtype(query, dtype):
+    """
+    The dtype the materialised weights are kept in: 16-bit inputs' own on CUDA, whose tensor-core products
+    take them and return float32 (``out_dtype``); elsewhere the float32 (float64) they are computed in.
+    """
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    return dtype
+
+
+def _softmax_(logits):
+    """Softmax over the last dimension, in place on the CPU (its kernel reads each row before it writes it)."""
+    if logits.is_cuda:
+        logits.copy_(torch.softmax(logits, dim=-1))
+    else:
+        torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+    return logits
 
 
 def _sdpa_rows(query, key, value, scale):
@@ -140,46 +156,52 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
     """
     softmax(q k^T * scale) v with one (B, N, N') matrix kept for backward, and nothing else of the
     forward's: the matrix products of the naive form, the softmax in place over chunks of ``chunk`` query
-    rows (which stay in cache). The output is computed transposed, (B, C', N), and returned as a
-    transposed view: an NCHW map's rows, which W_z takes without a copy. Backward turns the kept weights
-    into the logits' gradient in place, chunk by chunk (so a second backward through the same graph fails
-    loudly: the saved weights were modified).
+    rows (which stay in cache). Backward turns the kept weights into the logits' gradient in place, chunk
+    by chunk (so a second backward through the same graph fails loudly: the saved weights were modified).
     """
 
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):
         dtype = _compute_dtype(query, key, value)
         with torch.autocast(query.device.type, enabled=False):
-            weights = _bmm(query, key.transpose(1, 2), dtype)
-            flat = weights.view(-1, weights.shape[-1])  # chunks of contiguous rows, of both batch elements
-            for rows in _row_chunks(flat.shape[0], chunk * weights.shape[0]):
-                flat[rows] = torch.softmax(flat[rows].mul_(scale), dim=-1)
-            out_t = _bmm(value.transpose(1, 2), weights.transpose(1, 2), dtype)  # (B, C', N)
+            logits = _bmm(query, key.transpose(1, 2), dtype)
+            flat = logits.view(-1, logits.shape[-1])  # chunks of contiguous rows, of both batch elements
+            for rows in _row_chunks(flat.shape[0], chunk * logits.shape[0]):
+                _softmax_(flat[rows].mul_(scale))
+            weights = logits.to(_weights_dtype(query, dtype))
+            del logits, flat
+            out = _bmm(weights, value.to(weights.dtype), dtype)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, weights)
-        return out_t.to(query.dtype).transpose(1, 2)
+        return out.to(query.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, weights = ctx.saved_tensors
-        dtype, scale = weights.dtype, ctx.scale
+        dtype, store, scale = _compute_dtype(query, key, value), weights.dtype, ctx.scale
         with torch.autocast(query.device.type, enabled=False):
-            grad_out = grad_out.to(dtype)
-            # Each gradient is computed transposed, (B, channels, positions), and handed back as a
-            # transposed view: the layout of q/k/v, views of NCHW maps, so that upstream gets NCHW gradients.
-            grad_value = _bmm(grad_out.transpose(1, 2), weights, dtype).transpose(1, 2)
+            grad_out = grad_out.to(store)
+            # The gradients come out of the products autograd's matmul backward uses (measured fastest
+            # on the CPU), in their layouts.
+            grad_value = _bmm(weights.transpose(1, 2), grad_out, dtype)
             # d loss / d (q k^T) = scale * P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = dL/dout v^T; the
-            # scale goes on the values, the smaller operand.
-            scaled_value_t = (value.to(dtype) * scale).transpose(1, 2)
+            # scale goes on the values, the smaller operand. In float32 per chunk, stored back in place.
+            # (rowsum(P * dL/dP) = rowsum(dL/dout * out) would save a pass, but keeping out until here
+            # costs its memory at the block's peak.)
+            scaled_value_t = (value.to(dtype) * scale).to(store).transpose(1, 2)
             for rows in _row_chunks(query.shape[1], ctx.chunk):
                 probs = weights[:, rows]
-                grad_weights = torch.bmm(grad_out[:, rows], scaled_value_t)
-                row_dots = torch.linalg.vecdot(probs, grad_weights).unsqueeze(-1)
-                probs.mul_(grad_weights.sub_(row_dots))
+                grad_weights = _bmm(grad_out[:, rows], scaled_value_t, dtype)
+                grad_weights.sub_(torch.linalg.vecdot(probs.to(dtype), grad_weights).unsqueeze(-1))
+                if store == dtype:
+                    probs.mul_(grad_weights)
+                else:
+                    probs.copy_(grad_weights.mul_(probs))
             grad_logits = weights
-            grad_query = _bmm(key.transpose(1, 2), grad_logits.transpose(1, 2), dtype).transpose(1, 2)
-            grad_key = _bmm(query.transpose(1, 2), grad_logits, dtype).transpose(1, 2)
+            q, k = query.to(store), key.to(store)
+            grad_query = _bmm(grad_logits, k, dtype)
+            grad_key = _bmm(q.transpose(1, 2), grad_logits, dtype).transpose(1, 2)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
 
 
@@ -250,10 +272,10 @@ def _concat_pairs(u, v, value):
 def concatenation_attention(query, key, value, w_theta, w_phi):
     """
     ``sum_j ReLU(w_theta . q_i + w_phi . k_j) v_j / N'`` (w_f^T [theta_i, phi_j] split in two), in float32
-    for float16 inputs. Memory for backward, by :func:`materialise_pairwise`: the (B, N, N') matrix
-    ReLU(.) once (``fused`` False: there is no fused kernel), or, where the rule says no, nothing of size
-    N x N': query chunks of ``pairwise_chunk_elements``, each recomputed in backward (a ReLU of a sum, no
-    matrix product). Without autograd: chunks, keeping nothing.
+    for float16 inputs. Memory for backward: nothing of size N x N'. It goes by query chunks of
+    ``pairwise_chunk_elements``, each recomputed in backward: a ReLU of a sum, no matrix product, so
+    recomputing costs less than keeping the matrix would save (no cost rule needed). Without autograd:
+    the same chunks, keeping nothing.
     """
     dtype = query.dtype
     with _float32_for_float16(query) as upcast:
@@ -263,8 +285,6 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
         if not _wants_grad(u, v, value):
             chunks = [_concat_pairs(u[:, rows], v, value) for rows in _row_chunks(u.shape[1], _chunk_rows(query, key))]
             return torch.cat(chunks, dim=1).to(dtype)
-        if materialise_pairwise(query, key, value, fused=True):  # chunks recompute cheaply: "fused"
-            return _concat_pairs(u, v, value).to(dtype)
         chunks = [
             checkpoint(_concat_pairs, u[:, rows], v, value, use_reentrant=False)
             for rows in _row_chunks(u.shape[1], _chunk_rows(query, key))

@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nl_detectron.pairwise as pairwise
+from nl_detectron.subsample import max_pool_2x2
 from nl_detectron.nonlocal_block import (
     NONLOCAL_MODES,
     NONLOCAL_NORMS,
@@ -59,10 +60,10 @@ def forward_backward(fn, x, grad_out):
 SUBSAMPLING = {"none": (False, False), "pool_phi_g": (True, False), "pool_input": (True, True)}
 
 
-# The paths of nl_detectron.pairwise, forced whatever the cost rule would choose:
-# "materialised" keeps the one N x N' matrix; "unmaterialised" keeps none (SDPA's fused kernel for the
-# softmax modes, query chunks recomputed in backward for concatenation); "chunked_backward" is SDPA's
-# forward with a backward over query chunks (the softmax modes' path on CUDA for head dims over 256).
+# The softmax modes' paths in nl_detectron.pairwise, forced whatever the cost rule would choose:
+# "materialised" keeps the one N x N' matrix; "unmaterialised" keeps none (SDPA's fused kernel);
+# "chunked_backward" is SDPA's forward with a backward over query chunks (CUDA's path for head dims over
+# 256 where the matrix is not kept). "rule": as the cost rule chooses.
 PATHS = ("materialised", "unmaterialised", "chunked_backward")
 
 
@@ -78,8 +79,8 @@ def force_chunked_backward(monkeypatch):
 
 
 def mode_paths(mode):
-    """The paths ``mode`` has: dot_product one (linear in N), concatenation two, the softmax modes three."""
-    return {"dot_product": ("rule",), "concatenation": PATHS[:2]}.get(mode, PATHS)
+    """The paths ``mode`` has: the softmax modes three, dot_product and concatenation one each."""
+    return PATHS if mode in SOFTMAX_MODES else ("rule",)
 
 
 def assert_matches_reference_float64(block, gen, height, width):
@@ -114,6 +115,23 @@ def assert_matches_reference_float64(block, gen, height, width):
 
 
 MODES_AND_PATHS = [(mode, path) for mode in NONLOCAL_MODES for path in mode_paths(mode)]
+
+
+def rule_rows(n, n_keys, d, value_channels, dtype=torch.float32):
+    """Empty (meta) query/key/value rows of a batch of two, for the cost rule, which reads only shapes."""
+    return [torch.empty(2, m, c, dtype=dtype, device="meta") for m, c in ((n, d), (n_keys, d), (n_keys, value_channels))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "n,n_keys,channels", [(4200, 1050, 1024), (4200, 4200, 1024), (16800, 4200, 512), (16800, 16800, 512)]
+)
+def test_cost_rule_on_the_cpu(n, n_keys, channels, dtype):
+    # The benchmark's cases (res4/res3, with and without subsampling, batch 2): on the CPU the matrix is kept
+    # exactly where no fused kernel takes the shapes (gaussian's C-channel logits, C/2-channel values).
+    inner = channels // 2
+    assert not pairwise.materialise_pairwise(*rule_rows(n, n_keys, inner, inner, dtype), fused=True)
+    assert pairwise.materialise_pairwise(*rule_rows(n, n_keys, channels, inner), fused=False)
 
 
 @pytest.mark.parametrize("use_scale", [True, False])
@@ -420,6 +438,35 @@ def test_materialised_softmax_keeps_one_matrix_and_says_so_on_a_second_backward(
     z.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.sum().backward()
+
+
+def test_key_max_pool_matches_torch_with_ties_and_odd_sizes():
+    # The block's 2x2 max-pool finds its maxima again in backward instead of keeping indices: the same
+    # values and gradients as F.max_pool2d(ceil_mode=True), ties (ReLU's zeros) included.
+    x = torch.relu(torch.randn(2, 3, 7, 9, dtype=torch.float64)).requires_grad_(True)
+    grad = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    expected = torch.autograd.grad(torch.nn.functional.max_pool2d(x, 2, ceil_mode=True), x, grad)[0]
+    y = max_pool_2x2(x)
+    assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2, ceil_mode=True))
+    assert torch.equal(torch.autograd.grad(y, x, grad)[0], expected)
+
+
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_forward_hooks_on_theta_phi_g_and_w_z_fire(mode):
+    # theta, phi and g run as the modules they are (not as one concatenated convolution), so that hooks
+    # on them see their inputs and outputs, in forward and backward.
+    block = NonLocalBlock2d(32, mode=mode, sub_sample_input=True)
+    names = ["g", "w_z"] if mode == "gaussian" else ["theta", "phi", "g", "w_z"]
+    seen = []
+    for name in names:
+        module = getattr(block, name)
+        module.register_forward_hook(lambda m, inputs, output, name=name: seen.append((name, output.shape[-2:])))
+        module.register_full_backward_hook(lambda m, grad_in, grad_out, name=name: seen.append((name, "backward")))
+    x = torch.randn(2, 32, 7, 6, requires_grad=True)
+    block(x).sum().backward()
+    pooled, full = torch.Size([4, 3]), torch.Size([7, 6])
+    grids = {"theta": full, "phi": pooled, "g": pooled, "w_z": full}
+    assert sorted(seen, key=str) == sorted([(n, grids[n]) for n in names] + [(n, "backward") for n in names], key=str)
 
 
 @pytest.mark.parametrize("sub_sample", [True, False])
