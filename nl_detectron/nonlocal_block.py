@@ -144,7 +144,7 @@ class NonLocalBlock2d(nn.Module):
         Returns:
             (B, C, H, W): ``x + W_z(y)``.
         """
-        b, _, h, w = self._check_input(x).shape
+        _, _, h, w = self._check_input(x).shape
         query, key, value = self._embed(x)
         y = self._aggregate(query, key, value)  # (B, H*W, inner)
         # y's rows seen as a channels-last map (a view): oneDNN's 1x1 convolution takes that layout as it

@@ -68,10 +68,19 @@ PATHS = ("materialised", "unmaterialised", "chunked_backward")
 
 
 def force_path(monkeypatch, path):
+    """``path``: one of PATHS or "rule"; "materialised_16bit" keeps 16-bit weights, as CUDA does for 16-bit
+    inputs (on the CPU its products run in float32 rather than through ``out_dtype``)."""
     if path == "rule":
         return
-    monkeypatch.setattr(pairwise, "materialise_pairwise", lambda *args, **kwargs: path == "materialised")
+    materialised = path.startswith("materialised")
+    monkeypatch.setattr(pairwise, "materialise_pairwise", lambda *args, **kwargs: materialised)
     monkeypatch.setattr(pairwise, "_slow_fused_backward", lambda query: path == "chunked_backward")
+    if path == "materialised_16bit":
+        real = pairwise._weights_dtype
+        monkeypatch.setattr(
+            pairwise, "_weights_dtype",
+            lambda query, dtype: query.dtype if query.dtype in (torch.float16, torch.bfloat16) else real(query, dtype),
+        )
 
 
 def force_chunked_backward(monkeypatch):
@@ -316,10 +325,11 @@ AUTOCAST_CASES = [
     for dtype in (torch.bfloat16, torch.float16) for mode in NONLOCAL_MODES
     if (mode, dtype) != ("dot_product", torch.float16)
 ]
-# Every path of every mode, forced.
+# Every path of every mode, forced (embedded_gaussian's 16-bit convolutions also with 16-bit weights kept).
 AUTOCAST_CASES_AND_PATHS = [
     pytest.param(*case.values, path, id=f"{case.id}-{path}")
-    for case in AUTOCAST_CASES for path in mode_paths(case.values[0])
+    for case in AUTOCAST_CASES
+    for path in mode_paths(case.values[0]) + (("materialised_16bit",) if case.values[0] == "embedded_gaussian" else ())
 ]
 
 
@@ -344,7 +354,7 @@ def test_autocast_large_dot_products(monkeypatch, mode, dtype, path):
     assert all(torch.isfinite(p.grad).all() for p in block.parameters())
 
 
-@pytest.mark.parametrize("mode,path", MODES_AND_PATHS)
+@pytest.mark.parametrize("mode,path", MODES_AND_PATHS + [("embedded_gaussian", "materialised_16bit")])
 def test_autocast_bfloat16_gradients(monkeypatch, mode, path):
     force_path(monkeypatch, path)
     # Mixed-precision training: the backward of every path (the projections' autograd Function included)
