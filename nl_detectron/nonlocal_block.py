@@ -222,9 +222,12 @@ class NonLocalBlock2d(nn.Module):
         if self.mode == "embedded_gaussian":
             return softmax_attention(query, key, value, self._scale(query))
         if self.mode == "gaussian":
-            # Under autocast x stays float32 while g(x) is 16-bit, and the logits x_i . x_j sum C terms:
-            # one float32 dtype (float64 if x is), autocast off. SDPA's fused CPU kernel needs C' == d.
+            # Under autocast x stays float32 while g(x) is 16-bit: one dtype, autocast off. The logits
+            # x_i . x_j sum C terms: float32 (float64 if x is), or on CUDA under autocast its 16-bit,
+            # whose products return float32 there. SDPA's fused CPU kernel needs C' == d.
             dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+            if query.is_cuda and torch.is_autocast_enabled("cuda"):
+                dtype = torch.get_autocast_dtype("cuda")
             with torch.autocast(query.device.type, enabled=False):
                 q, k, v = (t.to(dtype) for t in (query, key, value))
                 return softmax_attention(q, k, v, self._scale(q), fused=q.is_cuda).to(query.dtype)
