@@ -36,11 +36,13 @@ def materialise_pairwise(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     flash kernel needs as many value as key channels, and gaussian compares C-channel x against C/2-channel
     g(x)). Only the device, the dtype, the head dim d and the matrix's size matter:
 
-    * CPU: keep it only where there is no fused kernel. SDPA's flash kernel was at most as slow as the
-      materialising form in every case of ``benchmarks/nonlocal_block.py`` in float32, with less memory,
-      down to res4 with x pooled (the smallest matrix, 2 x 4200 x 1050); in bfloat16 it was slower than
-      the naive form, and materialising (float32 products, as 16-bit ones cannot hold the logits on the
-      CPU) slower still. Gaussian's materialised form beats recomputing its C-channel logits.
+    * CPU: keep it only where there is no fused kernel. Even for the smallest matrix of
+      ``benchmarks/nonlocal_block.py`` (res4 with x pooled, 2 x 4200 x 1050) SDPA's flash kernel took
+      0.92-0.95 of the naive form's float32 time where the materialised path took 1.00-1.08, with 0.95
+      against 0.99 of its memory (shared 2-core EPYC); larger matrices favour the kernel more. In
+      bfloat16 (res4 subsampled) flash took 1.10 and materialising 1.35: the CPU has no float32-output
+      product of 16-bit operands, and 16-bit logits would lose the attention when dot products are large.
+      Gaussian's materialised form beats recomputing its C-channel logits.
     * CUDA: keep it where the fused kernels have no fast backward, i.e. in float32 (the memory-efficient
       kernel; 1.2-1.3x the naive form's time on an H100) and for head dims over 256 (res4's 512-d
       embeddings, gaussian's x), up to ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is what
