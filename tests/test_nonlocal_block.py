@@ -519,7 +519,7 @@ def test_concatenation_query_chunks_do_not_change_results(monkeypatch):
     monkeypatch.setattr(pairwise, "checkpoint", counting_checkpoint)
     # 48 queries x 48 keys x batch 2: 200 elements -> chunks of 2 queries; 1 element -> 1 query per chunk.
     for elements, num_chunks in ((200, 24), (1, 48)):
-        monkeypatch.setitem(pairwise.pairwise_chunk_elements, "cpu", elements)
+        monkeypatch.setitem(pairwise.concat_chunk_elements, "cpu", elements)
         calls.clear()
         chunked = run()
         assert len(calls) == num_chunks  # recomputed per chunk in backward
