@@ -3,7 +3,8 @@ Why `gaussian` keeps one N x N' matrix on the CPU: the forward+backward time of 
 softmax(x_i . x_j * s) g_j with C-channel logits against C/2-channel values, on the CPU, in three forms,
 each against the naive form that builds and keeps the matrix (autograd's matmul-softmax-matmul):
 
-* keep-one-matrix: what NonLocalBlock2d runs on the CPU (one N x N' matrix in all, chunked backward);
+* keep-one-matrix: what NonLocalBlock2d runs on the CPU (one N x N' matrix in all, chunked backward;
+  nl_detectron.pairwise's materialised path);
 * sdpa-padded: SDPA with the values zero-padded to C channels, since SDPA's fused CPU kernel needs one
   head size for q, k and v (without the padding it falls back to the math path, which builds the matrix);
 * sdpa-chunked-backward: what the block runs on CUDA: SDPA's forward (the math path on the CPU, for the
@@ -23,13 +24,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nl_detectron.nonlocal_block import NonLocalBlock2d, _SdpaChunkedBackward, _SoftmaxAttentionKeepingWeights
+from nl_detectron.pairwise import _SdpaChunkedBackward, _SoftmaxKeepingWeights, pairwise_chunk_elements
 
 # name: (queries N, keys N', channels C); the positions of 800 x 1333 images at res4 / res3.
 CASES = {"res4-sub": (50 * 84, 25 * 42, 1024), "res4-nosub": (50 * 84, 50 * 84, 1024),
          "res3-sub": (100 * 168, 50 * 84, 512)}
 BATCH = 2
-CHUNK_ELEMENTS = NonLocalBlock2d.gaussian_chunk_elements  # the block's chunk budget on the CPU
+CHUNK_ELEMENTS = pairwise_chunk_elements["cpu"]  # the block's chunk budget on the CPU
 
 
 def naive(q, k, v, scale):
@@ -38,9 +39,7 @@ def naive(q, k, v, scale):
 
 def keep_one_matrix(q, k, v, scale):
     chunk = max(1, CHUNK_ELEMENTS // (k.shape[0] * k.shape[1]))
-    block = max(1, math.isqrt(CHUNK_ELEMENTS // k.shape[0]))
-    # No subsampling: the keys are the queries (one leaf, see forward_backward), passed as None as the block does.
-    return _SoftmaxAttentionKeepingWeights.apply(q, None if k is q else k, v, scale, chunk, block)
+    return _SoftmaxKeepingWeights.apply(q, k, v, scale, chunk)
 
 
 def sdpa_padded(q, k, v, scale):

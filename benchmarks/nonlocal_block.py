@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nl_detectron import pairwise
 from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 
 from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
@@ -226,17 +227,39 @@ def measure(mode, case, repeats, min_timing_s, dtype):
     return result
 
 
+def materialised(mode, case, device, dtype):
+    """What nl_detectron.pairwise's cost rule decides for a forward+backward of ``case``: whether the
+    N x N' matrix is kept (None for dot_product, which never forms it)."""
+    if mode == "dot_product":
+        return None
+    channels, height, width, sub_sample, _ = CASES[case]
+    n, inner = height * width, channels // 2
+    n_keys = math.ceil(height / 2) * math.ceil(width / 2) if sub_sample else n
+    d = channels if mode == "gaussian" else inner
+    # The dtype the block's aggregation sees: gaussian's float32 x; the convolutions' under autocast.
+    rows_dtype = torch.float32 if mode == "gaussian" or dtype == "float32" else DTYPES[dtype]
+    q, k, v = (torch.empty(BATCH, m, c, device=device, dtype=rows_dtype) for m, c in ((n, d), (n_keys, d), (n_keys, inner)))
+    fused = mode != "gaussian" or device == "cuda"
+    return pairwise.materialise_pairwise(q, k, v, fused=fused)
+
+
 def sdpa_backend(mode, case, device, dtype):
-    """The SDPA kernels our block's forward+backward runs (on the CPU on a small map of the case's channels,
-    since the choice does not depend on the size there; on CUDA at the case's size)."""
+    """How our block's forward+backward runs the case: the path the cost rule chooses at the case's size and
+    the SDPA kernels it calls (on the CPU on a small map of the case's channels with the path the rule
+    chooses at full size, since the kernel does not depend on the size there; on CUDA at the case's size)."""
+    keep = materialised(mode, case, device, dtype)
     module, x, grad_out = build("ours", mode, case, device)
+    rule = pairwise.materialise_pairwise
     if device == "cpu":
         x = x.detach()[:, :, :12, :14].clone().requires_grad_(True)
         grad_out = grad_out[:, :, :12, :14]
-    kernels = sdpa_kernels(lambda: forward_backward(module, x, grad_out, dtype))
-    if kernels == "none":
-        return "none: " + {"gaussian": "batched matmuls, keeps the weights"}.get(mode, "no softmax")
-    return kernels
+        pairwise.materialise_pairwise = lambda *args, **kwargs: keep
+    try:
+        kernels = sdpa_kernels(lambda: forward_backward(module, x, grad_out, dtype))
+    finally:
+        pairwise.materialise_pairwise = rule
+    path = {None: "no N x N' matrix", True: "materialised"}.get(keep, "not materialised")
+    return path if kernels == "none" else f"{path}, SDPA {kernels}"
 
 
 def check_same_function(mode):
@@ -330,15 +353,21 @@ def main():
             print(f"{mode:17s} {case:10s} {1e3 * ours['time_s']:8.1f} {1e3 * naive['time_s']:8.1f} "
                   f"{result['time_ratio']:8.2f} {ours['peak_mb']:7.0f} {naive['peak_mb']:8.0f} "
                   f"{result['memory_ratio']:7.3f}  {result['sdpa_backend']}", flush=True)
+            if args.json:  # after every case, so that a run cut short leaves what it measured
+                write_json(args.json, info, args, repeats, cases, rows, complete=False)
     print(f"{time.time() - start:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
-                       "repeats": repeats, "cases": {
-                k: dict(zip(("channels", "height", "width", "sub_sample", "sub_sample_input"), v))
-                for k, v in CASES.items() if k in cases
-            }, "results": rows}, f, indent=2)
+        write_json(args.json, info, args, repeats, cases, rows, complete=True)
         print(f"wrote {args.json}")
+
+
+def write_json(path, info, args, repeats, cases, rows, complete):
+    with open(path, "w") as f:
+        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
+                   "repeats": repeats, "quick": args.quick, "complete": complete, "cases": {
+            k: dict(zip(("channels", "height", "width", "sub_sample", "sub_sample_input"), v))
+            for k, v in CASES.items() if k in cases
+        }, "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

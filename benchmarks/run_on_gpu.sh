@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Both benchmarks and the CUDA tests on a GPU machine, in float32 and mixed precision (~3 min on an H100):
+# The GPU checks of the block in one run, under 5 minutes (each step has its own time limit, so that one
+# that hangs does not take the others with it):
 #   benchmarks/run_on_gpu.sh [OUT_DIR]      # writes OUT_DIR/*.json and *.log (default: output/gpu)
+# 1. tests/test_nonlocal_block_cuda.py on the code as it is (every path of nl_detectron.pairwise, forced
+#    and as the cost rule chooses; 16-bit autocast with logits beyond float16's range), with a JUnit XML;
+# 2. benchmarks/nonlocal_block.py for the softmax modes in float32, bfloat16 and float16 (autocast), every
+#    case of its default run; each JSON holds the card, CUDA and torch versions, and per case the path
+#    the cost rule took and the SDPA kernels that ran ("sdpa_backend").
+# WITH_MODEL=1 also runs benchmarks/model_overhead.py in float32 and bfloat16 (about 2.5 more minutes).
 # Needs torch with CUDA, detectron2, fvcore and pycocotools importable, and this repo on PYTHONPATH (or
-# installed). Each step has its own time limit, so that one that hangs does not take the others with it.
+# installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-output/gpu}
@@ -16,16 +23,23 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, its output to t
   timeout "$limit" "$@" 2>&1 | grep -v -e 'FutureWarning' -e 'warnings.warn' | tee "$out/$name.log"
   echo "=== $name: exit ${PIPESTATUS[0]}"
 }
-"$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())'
-step cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_nonlocal_block_cuda.py
+"$PY" - "$out/environment.json" <<'EOF'
+import json, platform, subprocess, sys, torch
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+info = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "torch": torch.__version__,
+        "python": platform.python_version(), "commit": commit or "unknown"}
+print(info)
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+EOF
+step cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_nonlocal_block_cuda.py \
+  --junitxml="$out/cuda_tests.xml"
 for dtype in float32 bfloat16 float16; do
-  # The four cases of the H100 table in the README (the two "-poolx" ones came later): within 90 s.
-  step "block_$dtype" 90 "$PY" benchmarks/nonlocal_block.py --device cuda --dtype "$dtype" \
-    --cases res4-sub res4-nosub res3-sub res3-nosub --repeats 5 --json "$out/block_$dtype.json"
+  step "block_$dtype" 60 "$PY" benchmarks/nonlocal_block.py --device cuda --dtype "$dtype" \
+    --modes embedded_gaussian gaussian --repeats 5 --json "$out/block_$dtype.json"
 done
-step overhead_float32 75 "$PY" benchmarks/model_overhead.py --device cuda --warmup 3 --repeats 10 \
-  --json "$out/overhead_float32.json"
-step overhead_float16 75 "$PY" benchmarks/model_overhead.py --device cuda --amp float16 --warmup 3 \
-  --repeats 10 --json "$out/overhead_float16.json"
-step overhead_bfloat16 75 "$PY" benchmarks/model_overhead.py --device cuda --amp bfloat16 --warmup 3 \
-  --repeats 10 --json "$out/overhead_bfloat16.json"
+if [ "${WITH_MODEL:-0}" = 1 ]; then
+  step overhead_float32 75 "$PY" benchmarks/model_overhead.py --device cuda --warmup 3 --repeats 10 \
+    --json "$out/overhead_float32.json"
+  step overhead_bfloat16 75 "$PY" benchmarks/model_overhead.py --device cuda --amp bfloat16 --warmup 3 \
+    --repeats 10 --json "$out/overhead_bfloat16.json"
+fi

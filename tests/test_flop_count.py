@@ -122,3 +122,24 @@ def test_backbone_counts_the_block_at_its_res4_input():
     assert by_module["model.bottom_up.res4"] == baseline["model.bottom_up.res4"] + block_flops
     assert by_module["model.bottom_up.res5"] == baseline["model.bottom_up.res5"] > 0
     assert analysis.total() == by_module[""] == baseline[""] + block_flops
+
+
+@pytest.mark.parametrize("subsampling", ["none", "pool_phi_g", "pool_input"])
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_theta_phi_g_get_their_own_flops_and_every_module_runs(mode, subsampling):
+    # theta, phi and g run as the convolutions they are: fvcore's per-module view gives each its count (it
+    # read zero while they ran as one concatenated convolution), and no module goes uncalled but
+    # concatenation's w_f, whose two halves the block applies to the rows directly.
+    sub_sample, sub_sample_input = subsampling != "none", subsampling == "pool_input"
+    block = NonLocalBlock2d(64, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input).eval()
+    b, c, h, w, inner = 2, 64, 13, 10, 32
+    n, n_keys = h * w, math.ceil(h / 2) * math.ceil(w / 2)
+    analysis = flop_count_analysis(block, torch.randn(b, c, h, w))
+    by_module = analysis.by_module()
+    key_positions = n_keys if sub_sample_input else n
+    expected = {"g": b * key_positions * c * inner, "w_z": b * n * inner * c}
+    if mode != "gaussian":
+        expected.update(theta=b * n * c * inner, phi=b * key_positions * c * inner)
+    # detectron2's tracing wrapper prefixes names with "model.".
+    assert {name: by_module["model." + name] for name in expected} == expected
+    assert analysis.uncalled_modules() == ({"model.concat_project"} if mode == "concatenation" else set())

@@ -1,0 +1,295 @@
+"""
+The non-local block's pairwise aggregation ``y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j)`` (paper, eq. 1),
+one function per pairwise function f, on rows: queries (B, N, d), keys (B, N', d), values (B, N', C').
+
+Each function's docstring states what it keeps for backward. The softmax modes either materialise the
+N x N' matrix once or never keep it, as the cost rule :func:`materialise_pairwise` decides per call;
+dot product never forms it; concatenation never keeps it.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "materialise_pairwise", "softmax_attention", "dot_product_attention", "concatenation_attention",
+    "pairwise_chunk_elements", "concat_chunk_elements",
+]
+
+# Elements of one query chunk of the pairwise matrix, where a path works through chunks: on the CPU 4 MiB
+# in float32, within the L3 cache, and small beside the matrix a chunk is part of (a chunk's temporaries
+# are live at the block's peak of memory); on CUDA larger, since GPU kernels need large work items (at
+# 16 MiB, concatenation was 2-5x slower on an H100 for the launch overheads).
+pairwise_chunk_elements = {"cpu": 1 << 20, "cuda": 1 << 26}
+# Concatenation's chunks are recomputed in backward: fewer, larger ones cost less time on the CPU (at res4
+# with x pooled, 16 Mi elements: one chunk, 0.97 of the naive form's time; 1 Mi: 1.20), and a chunk's
+# matrices are alive only while it is recomputed.
+concat_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
+# CUDA materialises the matrix up to this many elements (1 GiB in float32): res4 and res3 with
+# subsampling at batch 2 (res3 without: 0.56e9 elements); above it the fused kernels' memory wins.
+CUDA_MATERIALISE_ELEMENTS = 1 << 28
+
+
+def materialise_pairwise(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fused: bool) -> bool:
+    """
+    The cost rule of the softmax modes: whether a forward+backward keeps the one (B, N, N') matrix of
+    weights (``True``) or never keeps it (SDPA's fused kernel, which recomputes the weights in backward).
+    ``fused``: whether SDPA's fused kernels take these shapes at all (False for gaussian on the CPU: its
+    flash kernel needs as many value as key channels, and gaussian compares C-channel x against C/2-channel
+    g(x)). Only the device, the dtype, the head dim d and the matrix's size matter:
+
+    * CPU: keep it only where there is no fused kernel. Even for the smallest matrix of
+      ``benchmarks/nonlocal_block.py`` (res4 with x pooled, 2 x 4200 x 1050) SDPA's flash kernel took
+      0.92-0.95 of the naive form's float32 time where the materialised path took 1.00-1.08, with 0.95
+      against 0.99 of its memory (shared 2-core EPYC); larger matrices favour the kernel more. In
+      bfloat16 (res4 subsampled) flash took 1.10 and materialising 1.35: the CPU has no float32-output
+      product of 16-bit operands, and 16-bit logits would lose the attention when dot products are large.
+      Gaussian's materialised form beats recomputing its C-channel logits.
+    * CUDA: keep it where the fused kernels have no fast backward, i.e. in float32 (the memory-efficient
+      kernel; 1.2-1.3x the naive form's time on an H100) and for head dims over 256 (res4's 512-d
+      embeddings, gaussian's x), up to ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is what
+      runs out, SDPA's forward and a backward over query chunks. 16-bit with d <= 256 (res3): SDPA.
+    """
+    if not query.is_cuda:
+        return not fused
+    slow_fused = query.dtype == torch.float32 or query.shape[-1] > 256 or not fused
+    return slow_fused and query.shape[0] * query.shape[1] * key.shape[1] <= CUDA_MATERIALISE_ELEMENTS
+
+
+def _row_chunks(num_rows, chunk):
+    return [slice(start, start + chunk) for start in range(0, num_rows, chunk)]
+
+
+def _chunk_rows(query, key, budgets=pairwise_chunk_elements) -> int:
+    """Query rows per chunk: ``budgets``' elements of the pairwise matrix for the whole batch."""
+    budget = budgets["cuda" if query.is_cuda else "cpu"]
+    return max(1, budget // (key.shape[0] * key.shape[1]))
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _compute_dtype(*tensors):
+    """float64 if every input is, else float32: the precision of logits, softmax and sums over positions."""
+    return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _bmm(a, b, dtype):
+    """
+    a @ b with a result in ``dtype`` (float32/float64), for (B, n, m) @ (B, m, p). 16-bit on CUDA: the
+    tensor-core product itself, accumulated and returned in float32 (``out_dtype``); elsewhere in ``dtype``
+    (the CPU has no out_dtype for bmm).
+    """
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype and dtype == torch.float32:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.to(dtype), b.to(dtype))
+
+
+def _weights_dtype(query, dtype):
+    """
+    The dtype the materialised weights are kept in: 16-bit inputs' own on CUDA, whose tensor-core products
+    take them and return float32 (``out_dtype``); elsewhere the float32 (float64) they are computed in.
+    """
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    return dtype
+
+
+def _softmax_(logits):
+    """Softmax over the last dimension, in place on the CPU (its kernel reads each row before it writes it)."""
+    if logits.is_cuda:
+        logits.copy_(torch.softmax(logits, dim=-1))
+    else:
+        torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+    return logits
+
+
+def _sdpa_rows(query, key, value, scale):
+    """
+    SDPA on rows, as one attention head: (B, N, C'). Contiguous rows: SDPA's fused CPU kernel needs a unit
+    stride along the channels, and otherwise falls back to the math path, which materialises the matrix.
+    """
+    q, k, v = (t.contiguous().unsqueeze(1) for t in (query, key, value))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).squeeze(1)
+
+
+def _slow_fused_backward(query) -> bool:
+    """
+    Whether SDPA's backward is slow: on CUDA for head dims over 256 (res4's 512-d embeddings), which only
+    the memory-efficient kernel takes, whose backward then uses generic kernels (5.6 ms of the res4
+    block's 6.7 ms on an H100 in float16, where the naive form's whole forward+backward took 1.5 ms).
+    """
+    return query.is_cuda and query.shape[-1] > 256
+
+
+def softmax_attention(query, key, value, scale: float, fused: bool = True):
+    """
+    ``softmax_j(q_i . k_j * scale) v_j``: the embedded Gaussian (q, k = theta(x), phi(x)) and the Gaussian
+    (q, k = x itself) pairwise functions with their softmax normaliser. (B, N, d), (B, N', d), (B, N', C')
+    -> (B, N, C') in ``query``'s dtype; logits, softmax and sums in float32 (float64 for float64 inputs),
+    so 16-bit logits beyond float16's range do not overflow. ``fused``: whether SDPA's fused kernels take
+    these shapes (False for gaussian on the CPU, whose fused kernel needs C' == d).
+
+    Memory for backward, by :func:`materialise_pairwise`:
+
+    * materialised: one (B, N, N') matrix of weights (float32), whose elementwise passes run over
+      cache-sized query chunks, and which backward turns into the logits' gradient in place;
+    * fused: nothing of size N x N' (SDPA's fused kernel recomputes the weights in backward); on CUDA for
+      head dims over 256, SDPA's forward and our backward over query chunks, one chunk's matrices at a time.
+
+    Without autograd: SDPA where ``fused``, else query chunks, keeping nothing.
+    """
+    if _wants_grad(query, key, value):
+        if materialise_pairwise(query, key, value, fused):
+            return _SoftmaxKeepingWeights.apply(query, key, value, scale, _chunk_rows(query, key))
+        if _slow_fused_backward(query):
+            return _SdpaChunkedBackward.apply(query, key, value, scale, _chunk_rows(query, key))
+    if fused:
+        return _sdpa_rows(query, key, value, scale)
+    dtype = _compute_dtype(query, key, value)
+    outs = []
+    with torch.autocast(query.device.type, enabled=False):
+        for rows in _row_chunks(query.shape[1], _chunk_rows(query, key)):
+            weights = torch.softmax(_bmm(query[:, rows], key.transpose(1, 2), dtype).mul_(scale), dim=-1)
+            outs.append(_bmm(weights, value, dtype))
+    return torch.cat(outs, dim=1).to(query.dtype)
+
+
+class _SoftmaxKeepingWeights(torch.autograd.Function):
+    """
+    softmax(q k^T * scale) v with one (B, N, N') matrix kept for backward, and nothing else of the
+    forward's: the matrix products of the naive form, the softmax in place over chunks of ``chunk`` query
+    rows (which stay in cache). Backward turns the kept weights into the logits' gradient in place, chunk
+    by chunk (so a second backward through the same graph fails loudly: the saved weights were modified).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        dtype = _compute_dtype(query, key, value)
+        with torch.autocast(query.device.type, enabled=False):
+            logits = _bmm(query, key.transpose(1, 2), dtype)
+            flat = logits.view(-1, logits.shape[-1])  # chunks of contiguous rows, of both batch elements
+            for rows in _row_chunks(flat.shape[0], chunk * logits.shape[0]):
+                _softmax_(flat[rows].mul_(scale))
+            weights = logits.to(_weights_dtype(query, dtype))
+            del logits, flat
+            out = _bmm(weights, value.to(weights.dtype), dtype)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(query, key, value, weights)
+        return out.to(query.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, weights = ctx.saved_tensors
+        dtype, store, scale = _compute_dtype(query, key, value), weights.dtype, ctx.scale
+        with torch.autocast(query.device.type, enabled=False):
+            grad_out = grad_out.to(store)
+            # The gradients come out of the products autograd's matmul backward uses (measured fastest
+            # on the CPU), in their layouts.
+            grad_value = _bmm(weights.transpose(1, 2), grad_out, dtype)
+            # d loss / d (q k^T) = scale * P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = dL/dout v^T; the
+            # scale goes on the values, the smaller operand. In float32 per chunk, stored back in place.
+            # (rowsum(P * dL/dP) = rowsum(dL/dout * out) would save a pass, but keeping out until here
+            # costs its memory at the block's peak.)
+            scaled_value_t = (value.to(dtype) * scale).to(store).transpose(1, 2)
+            for rows in _row_chunks(query.shape[1], ctx.chunk):
+                probs = weights[:, rows]
+                grad_weights = _bmm(grad_out[:, rows], scaled_value_t, dtype)
+                grad_weights.sub_(torch.linalg.vecdot(probs.to(dtype), grad_weights).unsqueeze(-1))
+                if store == dtype:
+                    probs.mul_(grad_weights)
+                else:
+                    probs.copy_(grad_weights.mul_(probs))
+            grad_logits = weights
+            q, k = query.to(store), key.to(store)
+            grad_query = _bmm(grad_logits, k, dtype)
+            grad_key = _bmm(q.transpose(1, 2), grad_logits, dtype).transpose(1, 2)
+        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+class _SdpaChunkedBackward(torch.autograd.Function):
+    """
+    softmax(q k^T * scale) v: forward through SDPA's fused kernel, which keeps nothing of size N x N';
+    backward over chunks of ``chunk`` query rows, each recomputing its rows of the softmax from q and k (a
+    chunk holds whole rows, so its softmax is exact): the naive form's backward plus one product, one
+    chunk's matrices alive at a time. For CUDA's head dims over 256, whose fused backward is slow.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        out = _sdpa_rows(query, key, value, scale)
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(query, key, value, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, out = ctx.saved_tensors
+        dtype, scale = _compute_dtype(query, key, value), ctx.scale
+        with torch.autocast(query.device.type, enabled=False):
+            grad_out, out = grad_out.to(dtype), out.to(dtype)
+            row_dots = (grad_out * out).sum(dim=-1, keepdim=True)
+            grad_q = torch.empty(query.shape, dtype=dtype, device=query.device)
+            grad_k = torch.zeros(key.shape, dtype=dtype, device=key.device)
+            grad_v = torch.zeros(value.shape, dtype=dtype, device=value.device)
+            k_t, v_t = key.transpose(1, 2), value.transpose(1, 2)
+            for rows in _row_chunks(query.shape[1], ctx.chunk):
+                probs = torch.softmax(_bmm(query[:, rows], k_t, dtype).mul_(scale), dim=-1)  # (B, n, N')
+                grad_v += _bmm(probs.transpose(1, 2), grad_out[:, rows], dtype)
+                grad_logits = _bmm(grad_out[:, rows], v_t, dtype).sub_(row_dots[:, rows]).mul_(probs).mul_(scale)
+                grad_q[:, rows] = _bmm(grad_logits, key, dtype)
+                grad_k += _bmm(grad_logits.transpose(1, 2), query[:, rows], dtype)
+        return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), None, None
+
+
+def dot_product_attention(query, key, value):
+    """
+    ``sum_j (q_i . k_j) v_j / N'`` computed as ``q (k^T v) / N'`` (associativity): linear in N, never
+    forms the N x N' matrix; autograd keeps q, k, v and the (B, d, C') product. In float32 for float16
+    inputs, which cannot hold sums over thousands of positions.
+    """
+    dtype = query.dtype
+    with _float32_for_float16(query) as upcast:
+        query, key, value = (upcast(t) for t in (query, key, value))
+        y = query @ (key.transpose(1, 2) @ value) / key.shape[1]
+    return y.to(dtype)
+
+
+@contextlib.contextmanager
+def _float32_for_float16(query):
+    """For float16 inputs: autocast off and a float32 cast (autocast would cast products back)."""
+    if query.dtype != torch.float16:
+        yield lambda t: t
+        return
+    with torch.autocast(query.device.type, enabled=False):
+        yield lambda t: t.float()
+
+
+def _concat_pairs(u, v, value):
+    """ReLU(u_i + v_j) applied to value / N': (B, n), (B, N'), (B, N', C) -> (B, n, C)."""
+    return torch.relu_(u[:, :, None] + v[:, None, :]) @ (value / v.shape[1])
+
+
+def concatenation_attention(query, key, value, w_theta, w_phi):
+    """
+    ``sum_j ReLU(w_theta . q_i + w_phi . k_j) v_j / N'`` (w_f^T [theta_i, phi_j] split in two), in float32
+    for float16 inputs. Memory for backward: nothing of size N x N'. It goes by query chunks of
+    ``concat_chunk_elements``, each recomputed in backward: a ReLU of a sum, no matrix product, so
+    recomputing costs less than keeping the matrix would save (no cost rule needed). Without autograd:
+    the same chunks, keeping nothing.
+    """
+    dtype = query.dtype
+    with _float32_for_float16(query) as upcast:
+        query, key, value, w_theta, w_phi = (upcast(t) for t in (query, key, value, w_theta, w_phi))
+        u = (query @ w_theta.to(query.dtype).t()).squeeze(-1)  # (B, N)
+        v = (key @ w_phi.to(key.dtype).t()).squeeze(-1)  # (B, N')
+        spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
+        if not _wants_grad(u, v, value):
+            return torch.cat([_concat_pairs(u[:, rows], v, value) for rows in spans], dim=1).to(dtype)
+        chunks = [checkpoint(_concat_pairs, u[:, rows], v, value, use_reentrant=False) for rows in spans]
+    return torch.cat(chunks, dim=1).to(dtype)
