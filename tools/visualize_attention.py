@@ -77,6 +77,17 @@ def parse_point(text: str) -> Tuple[int, int]:
 
 
 @torch.no_grad()
+def find_block(model, block_name: str):
+    """The non-local block ``block_name`` of ``model``; a ValueError listing the valid names if none."""
+    blocks = nonlocal_blocks(model)
+    if block_name not in blocks:
+        raise ValueError(
+            f"--block {block_name!r}: no such non-local block in this model; valid choices: "
+            f"{', '.join(blocks) or '(none: the config builds no non-local block)'}"
+        )
+    return blocks[block_name]
+
+
 def attention_maps(model, block_name: str, model_input: dict, points: Sequence[Tuple[int, int]]):
     """
     Run ``model`` (in eval mode) on one input, catch the input of non-local block ``block_name``, and
@@ -90,13 +101,7 @@ def attention_maps(model, block_name: str, model_input: dict, points: Sequence[T
         dict with "maps" (Q, Hk, Wk) float32, "cells" (Q, 2) the (row, col) query cell on the block's
         H x W grid, "grid" (H, W), "stride" (input pixels per cell), "key_stride".
     """
-    blocks = nonlocal_blocks(model)
-    if block_name not in blocks:
-        raise ValueError(
-            f"--block {block_name!r}: no such non-local block in this model; valid choices: "
-            f"{', '.join(blocks) or '(none: the config builds no non-local block)'}"
-        )
-    block = blocks[block_name]
+    block = find_block(model, block_name)
     height, width = model_input["height"], model_input["width"]
     for x, y in points:
         if not (0 <= x < width and 0 <= y < height):
@@ -151,13 +156,7 @@ def roi_attention_maps(model, block_name: str, model_input: dict, roi: int, poin
         dict as :func:`attention_maps`, plus "box" (x0, y0, x1, y1) of the RoI in original-image pixels,
         "roi" and "points" (the query points used).
     """
-    blocks = nonlocal_blocks(model)
-    if block_name not in blocks:
-        raise ValueError(
-            f"--block {block_name!r}: no such non-local block in this model; valid choices: "
-            f"{', '.join(blocks) or '(none: the config builds no non-local block)'}"
-        )
-    block = blocks[block_name]
+    block = find_block(model, block_name)
     captured, boxes = [], []
     hooks = [
         block.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0])),

@@ -13,14 +13,15 @@ and registered as ``nl_context_train`` and ``nl_context_val``. Each image entry 
 holds its marker, ``"cue": {"bbox": [x, y, w, h], "category_id": c}``, for the attention measurements.
 """
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from detectron2.data import MetadataCatalog
 
-from .shapes import SHAPES_CLASSES, _polygon, ensure_generated, register_generated, write_coco_split
+from .shapes import (
+    SHAPES_CLASSES, _polygon, cache_dir, ensure_generated, polygon_annotation, register_generated, write_coco_split,
+)
 
 __all__ = ["CONTEXT_CLASSES", "CONTEXT_SPLITS", "context_root", "generate_context", "ensure_context", "register_context"]
 
@@ -40,8 +41,7 @@ _VERSION = 1
 
 def context_root() -> str:
     """The cache directory: ``$NL_DETECTRON_CACHE/context-v1`` (default ``~/.cache/nl_detectron``)."""
-    cache = os.environ.get("NL_DETECTRON_CACHE", os.path.join("~", ".cache", "nl_detectron"))
-    return os.path.join(os.path.expanduser(cache), f"context-v{_VERSION}")
+    return cache_dir("context", _VERSION)
 
 
 def box_gap(a, b) -> float:
@@ -80,17 +80,7 @@ def _draw_image(rng: np.random.RandomState, size: int):
         vertices = _polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi))
         grey = int((background + rng.randint(80, 176)) % 256)
         draw.polygon(vertices, fill=(grey, grey, grey))
-        xs, ys = [v[0] for v in vertices], [v[1] for v in vertices]
-        area = 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs))))
-        annotations.append(
-            {
-                "category_id": category + 1,
-                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                "segmentation": [[c for v in vertices for c in v]],
-                "area": area,
-                "iscrowd": 0,
-            }
-        )
+        annotations.append(polygon_annotation(vertices, category + 1))
     cue = {"bbox": [marker[0], marker[1], MARKER_SIZE, MARKER_SIZE], "category_id": category + 1}
     return image, annotations, {"cue": cue}
 

@@ -13,14 +13,13 @@ degrees); a horizontal flip swaps them (``keypoint_flip_map``). The roof's heigh
 vary independently of the body, so the eaves are not where the box alone would put them.
 """
 import math
-import os
 
 import numpy as np
 from PIL import ImageDraw
 
 from detectron2.data import MetadataCatalog
 
-from .shapes import ensure_generated, noisy_background, place_apart, register_generated, write_coco_split
+from .shapes import cache_dir, ensure_generated, noisy_background, place_apart, register_generated, write_coco_split
 
 __all__ = [
     "HOUSE_KEYPOINT_NAMES", "HOUSE_KEYPOINT_FLIP_MAP", "HOUSE_KEYPOINT_OKS_SIGMAS", "HOUSES_SPLITS",
@@ -48,8 +47,7 @@ _VERSION = 1
 
 def houses_root() -> str:
     """The cache directory: ``$NL_DETECTRON_CACHE/houses-v1`` (default ``~/.cache/nl_detectron``)."""
-    cache = os.environ.get("NL_DETECTRON_CACHE", os.path.join("~", ".cache", "nl_detectron"))
-    return os.path.join(os.path.expanduser(cache), f"houses-v{_VERSION}")
+    return cache_dir("houses", _VERSION)
 
 
 def _house_corners(rng: np.random.RandomState, cx: float, cy: float, r: float):

@@ -30,10 +30,15 @@ IMAGE_SIZE = 256
 _VERSION = 1
 
 
+def cache_dir(dataset: str, version: int) -> str:
+    """A generated dataset's directory: ``$NL_DETECTRON_CACHE/<dataset>-v<version>`` (default ``~/.cache/nl_detectron``)."""
+    cache = os.environ.get("NL_DETECTRON_CACHE", os.path.join("~", ".cache", "nl_detectron"))
+    return os.path.join(os.path.expanduser(cache), f"{dataset}-v{version}")
+
+
 def shapes_root() -> str:
     """The cache directory: ``$NL_DETECTRON_CACHE/shapes-v1`` (default ``~/.cache/nl_detectron``)."""
-    cache = os.environ.get("NL_DETECTRON_CACHE", os.path.join("~", ".cache", "nl_detectron"))
-    return os.path.join(os.path.expanduser(cache), f"shapes-v{_VERSION}")
+    return cache_dir("shapes", _VERSION)
 
 
 def _polygon(kind, cx, cy, r, angle):
@@ -71,6 +76,19 @@ def place_apart(rng: np.random.RandomState, size: int, max_count: int, radius: t
         yield cx, cy, r
 
 
+def polygon_annotation(vertices, category_id: int) -> dict:
+    """The COCO annotation of one polygon object: its box, its polygon as the mask, and its exact area."""
+    xs, ys = [v[0] for v in vertices], [v[1] for v in vertices]
+    area = 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs))))
+    return {
+        "category_id": category_id,
+        "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+        "segmentation": [[c for v in vertices for c in v]],
+        "area": area,
+        "iscrowd": 0,
+    }
+
+
 def _draw_image(rng: np.random.RandomState, size: int):
     """One image (H, W, 3 uint8) and its annotations; shapes do not overlap, so polygons are exact masks."""
     image, background = noisy_background(rng, size)
@@ -82,17 +100,7 @@ def _draw_image(rng: np.random.RandomState, size: int):
         # A colour far from the background, so that every shape is visible.
         color = (background + rng.randint(80, 176, size=3)) % 256
         draw.polygon(vertices, fill=tuple(int(c) for c in color))
-        xs, ys = [v[0] for v in vertices], [v[1] for v in vertices]
-        area = 0.5 * abs(sum(xs[k] * ys[k - 1] - xs[k - 1] * ys[k] for k in range(len(xs))))
-        annotations.append(
-            {
-                "category_id": category + 1,
-                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                "segmentation": [[c for v in vertices for c in v]],
-                "area": area,
-                "iscrowd": 0,
-            }
-        )
+        annotations.append(polygon_annotation(vertices, category + 1))
     return image, annotations
 
 
