@@ -34,15 +34,7 @@ def add_nonlocal_config(cfg):
 def nonlocal_block_kwargs(cfg):
     """The keyword arguments of :func:`nl_detectron.add_nonlocal_blocks` that ``cfg`` asks for."""
     nl = cfg.MODEL.NONLOCAL
-    return dict(
-        locations=[tuple(loc) for loc in nl.LOCATIONS],
-        mode=nl.MODE,
-        reduction=nl.REDUCTION,
-        sub_sample=nl.SUBSAMPLE,
-        sub_sample_input=nl.SUBSAMPLE_INPUT,
-        use_scale=nl.USE_SCALE,
-        norm=nl.NORM,
-    )
+    return dict(locations=[tuple(loc) for loc in nl.LOCATIONS], **_block_kwargs(nl))
 
 
 def _add_keypoint_head_config(cfg):
@@ -70,12 +62,16 @@ def _add_keypoint_head_config(cfg):
 def nonlocal_keypoint_head_kwargs(cfg):
     """``after_convs`` and the :class:`~nl_detectron.NonLocalBlock2d` arguments of ``cfg.MODEL.NONLOCAL.KEYPOINT_HEAD``."""
     head = cfg.MODEL.NONLOCAL.KEYPOINT_HEAD
+    return dict(after_convs=list(head.AFTER_CONVS), **_block_kwargs(head))
+
+
+def _block_kwargs(node):
+    """The :class:`~nl_detectron.NonLocalBlock2d` arguments of a config node with the block's keys."""
     return dict(
-        after_convs=list(head.AFTER_CONVS),
-        mode=head.MODE,
-        reduction=head.REDUCTION,
-        sub_sample=head.SUBSAMPLE,
-        sub_sample_input=head.SUBSAMPLE_INPUT,
-        use_scale=head.USE_SCALE,
-        norm=head.NORM,
+        mode=node.MODE,
+        reduction=node.REDUCTION,
+        sub_sample=node.SUBSAMPLE,
+        sub_sample_input=node.SUBSAMPLE_INPUT,
+        use_scale=node.USE_SCALE,
+        norm=node.NORM,
     )

@@ -114,6 +114,16 @@ def _delta(a, b) -> List[str]:
     return [f"{y - x:+.1f}" if not (math.isnan(x) or math.isnan(y)) else "—" for x, y in zip(a, b)]
 
 
+def _paper_rows(backbone) -> List[List[str]]:
+    """The paper's baseline, +1 NL and delta rows of Table 5 for ``backbone`` (one of PAPER_TABLE5)."""
+    baseline, nonlocal_ = PAPER_TABLE5[backbone]
+    return [
+        [backbone, "baseline", "paper"] + _row(baseline),
+        [backbone, "+1 NL", "paper"] + _row(nonlocal_),
+        [backbone, "delta", "paper"] + _delta(baseline, nonlocal_),
+    ]
+
+
 def table5(pairs, backbones=None) -> str:
     """Markdown: per pair, your baseline, +1 NL and delta rows, then the paper's for that backbone."""
     if backbones and len(backbones) != len(pairs):
@@ -131,12 +141,7 @@ def table5(pairs, backbones=None) -> str:
             [backbone, "delta", "this run"] + _delta(*ours),
         ]
         if backbone in PAPER_TABLE5:
-            paper = PAPER_TABLE5[backbone]
-            rows += [
-                [backbone, "baseline", "paper"] + _row(paper[0]),
-                [backbone, "+1 NL", "paper"] + _row(paper[1]),
-                [backbone, "delta", "paper"] + _delta(*paper),
-            ]
+            rows += _paper_rows(backbone)
         else:
             rows.append([backbone, "—", f"paper: no {backbone} row (it has {', '.join(PAPER_TABLE5)})"] + ["—"] * 6)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -260,12 +265,7 @@ def seed_table5(comparisons) -> str:
                 cells = [f"{v:+.1f}" if not math.isnan(v) else "—" for v in values[s]] if signed else _row(values[s])
                 rows.append([backbone, name, f"seed {s}"] + cells)
         if backbone in PAPER_TABLE5:
-            paper = PAPER_TABLE5[backbone]
-            rows += [
-                [backbone, "baseline", "paper"] + _row(paper[0]),
-                [backbone, "+1 NL", "paper"] + _row(paper[1]),
-                [backbone, "delta", "paper"] + _delta(*paper),
-            ]
+            rows += _paper_rows(backbone)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
