@@ -18,7 +18,8 @@ from nl_detectron.data import CONTEXT_CLASSES, ensure_context, ensure_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "quick", "mask_rcnn_nl_R18_context.yaml")
-KEY_STRIDE = 32  # res4 (stride 16), keys max-pooled 2 x 2; the 160 px images are seen at 160 px
+KEY_STRIDE = 32  # res4 (stride 16), keys max-pooled 2 x 2; the 320 x 96 images are seen at their size
+NUM_KEYS = (96 // KEY_STRIDE) * (320 // KEY_STRIDE)  # 3 x 10
 OPTS = ["MODEL.RPN.POST_NMS_TOPK_TEST", "20", "TEST.DETECTIONS_PER_IMAGE", "5"]
 _ids = itertools.count()
 
@@ -81,7 +82,7 @@ def test_uniform_attention_puts_the_uniform_share_on_the_cue(tmp_path, val_cues,
     weights = _weights(tmp_path, zero_theta=True)
     one = tool.cue_attention_share(cfg, weights, subset([1]))
     assert one["images"] == 1 and one["block"] == "backbone.bottom_up.res4.nonlocal1"
-    assert one["uniform_share"] == pytest.approx(len(_cue_keys(val_cues[1])) / 25)  # 5 x 5 keys
+    assert one["uniform_share"] == pytest.approx(len(_cue_keys(val_cues[1])) / NUM_KEYS)
     assert one["share"] == pytest.approx(one["uniform_share"], rel=1e-5)
     several = tool.cue_attention_share(cfg, weights, "nl_context_val", max_images=6)
     assert several["images"] == 6 and several["ratio"] == pytest.approx(1.0, rel=1e-5)

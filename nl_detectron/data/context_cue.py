@@ -29,18 +29,22 @@ CONTEXT_CLASSES = ["red", "green", "blue"]
 MARKER_COLOURS = [(230, 30, 30), (30, 210, 30), (40, 70, 240)]  # in CONTEXT_CLASSES order
 # name -> (split, number of images, seed). Changing the generator or these numbers means bumping _VERSION.
 CONTEXT_SPLITS = {"nl_context_train": ("train", 1000, 10), "nl_context_val": ("val", 100, 11)}
-IMAGE_SIZE = 160
-MARKER_SIZE = 24  # pixels; 25 px in a 256 px image was too small to be learned in 500 iterations (issue 10)
-# Pixels between the marker's edges and every object's bounding box: more than the marker's size, so that
-# an object's own neighbourhood (the region a RoI's 7 x 7 pooled features and a few convolutions cover) holds
-# nothing of it.
-MIN_GAP = 40
+# A wide strip: the marker can sit far from the objects (MIN_GAP) at 1.2x the pixels of a 160 x 160 image.
+# In a 160 x 160 image with a 24 px marker at least 40 px away, neither model had learned the cue after 800
+# iterations (design seed 100, docs/gain.md).
+IMAGE_WIDTH, IMAGE_HEIGHT = 320, 96
+MARKER_SIZE = 32  # pixels; 25 px in a 256 px image was too small to be learned in 500 iterations (issue 10)
+# Pixels between the marker's edges and every object's bounding box: three times the marker's size, three
+# cells of res5 (stride 32), so that an object's own neighbourhood (the region a RoI's 7 x 7 pooled
+# features and a few convolutions cover) holds nothing of it.
+MIN_GAP = 100
 MAX_OBJECTS = 3
-_VERSION = 1
+RADIUS = (13, 26)  # objects' circumradius, pixels
+_VERSION = 2
 
 
 def context_root() -> str:
-    """The cache directory: ``$NL_DETECTRON_CACHE/context-v1`` (default ``~/.cache/nl_detectron``)."""
+    """The cache directory: ``$NL_DETECTRON_CACHE/context-v2`` (default ``~/.cache/nl_detectron``)."""
     return cache_dir("context", _VERSION)
 
 
@@ -51,16 +55,18 @@ def box_gap(a, b) -> float:
     return math.hypot(dx, dy)
 
 
-def _draw_image(rng: np.random.RandomState, size: int):
-    """One image (PIL), its object annotations (at least one) and ``{"cue": {"bbox", "category_id"}}``."""
+def _draw_image(rng: np.random.RandomState, size: tuple):
+    """One ``size`` = (width, height) image (PIL), its object annotations (at least one) and ``{"cue": ...}``."""
+    width, height = size
     while True:
-        mx, my = (int(v) for v in rng.randint(0, size - MARKER_SIZE + 1, size=2))  # whole pixels
+        mx = int(rng.randint(0, width - MARKER_SIZE + 1))  # whole pixels
+        my = int(rng.randint(0, height - MARKER_SIZE + 1))
         marker = (mx, my, mx + MARKER_SIZE, my + MARKER_SIZE)
         objects = []
         for _ in range(rng.randint(1, MAX_OBJECTS + 1)):
             for _attempt in range(30):
-                r = rng.uniform(size * 0.08, size * 0.16)
-                cx, cy = rng.uniform(r, size - r, size=2)
+                r = rng.uniform(*RADIUS)
+                cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
                 box = (cx - r, cy - r, cx + r, cy + r)  # the circumscribed square: a shape's bbox lies inside
                 if box_gap(box, marker) >= MIN_GAP and all(box_gap(box, o[1]) > 2 for o in objects):
                     objects.append(((cx, cy, r), box))
@@ -70,7 +76,7 @@ def _draw_image(rng: np.random.RandomState, size: int):
     category = rng.randint(len(CONTEXT_CLASSES))
     # Grey background and grey shapes: no colour anywhere but the marker's.
     background = rng.randint(0, 256)
-    noise = rng.randint(-20, 21, size=(size, size, 1))
+    noise = rng.randint(-20, 21, size=(height, width, 1))
     image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8).repeat(3, axis=2))
     draw = ImageDraw.Draw(image)
     draw.rectangle([marker[0], marker[1], marker[2] - 1, marker[3] - 1], fill=MARKER_COLOURS[category])
@@ -85,7 +91,8 @@ def _draw_image(rng: np.random.RandomState, size: int):
     return image, annotations, {"cue": cue}
 
 
-def generate_context(root: str, split: str, num_images: int, seed: int, size: int = IMAGE_SIZE) -> None:
+def generate_context(root: str, split: str, num_images: int, seed: int,
+                     size: tuple = (IMAGE_WIDTH, IMAGE_HEIGHT)) -> None:
     """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json`` (COCO format, plus "cue")."""
     write_coco_split(
         root, split, f"instances_{split}.json", num_images, seed, size, _draw_image,

@@ -116,7 +116,8 @@ def generate_shapes(root: str, split: str, num_images: int, seed: int, size: int
 def write_coco_split(root, split, json_name, num_images, seed, size, draw_image, *, categories, description):
     """
     Write ``num_images`` images ``draw_image(rng, size) -> (PIL image, [annotation])`` (one RandomState
-    seeded with ``seed``, drawn in order) to ``root/<split>/`` and their COCO json to
+    seeded with ``seed``, drawn in order; ``size`` is passed through, and the json records each image's own
+    width and height) to ``root/<split>/`` and their COCO json to
     ``root/annotations/<json_name>``. ``draw_image`` may return a third item, a dict of extra fields for
     the image's entry in the json (the context-cue dataset's ``"cue"``).
     """
@@ -127,7 +128,8 @@ def write_coco_split(root, split, json_name, num_images, seed, size, draw_image,
         image, anns, *image_fields = draw_image(rng, size)
         file_name = f"{image_id:06d}.png"
         image.save(os.path.join(root, split, file_name))
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size, **dict(*image_fields)})
+        images.append({"id": image_id, "file_name": file_name, "height": image.height, "width": image.width,
+                       **dict(*image_fields)})
         for ann in anns:
             annotations.append(dict(ann, id=len(annotations) + 1, image_id=image_id))
     coco = {"info": {"description": description}, "images": images, "annotations": annotations, "categories": categories}
