@@ -2,7 +2,7 @@
 # The demo's recipe (configs/quick/mask_rcnn_nl_R18_shapes.yaml) trained and COCO-evaluated once per seed:
 # prints each run's wall time, seconds per iteration and box / mask AP, as docs/performance.md reports them.
 #   benchmarks/demo_seeds.sh OUT_DIR SEED [SEED ...]        (extra KEY VALUE overrides: OPTS="...")
-# Run it on an idle machine: each run is a whole `make demo` (7.5 minutes on an idle 2-core EPYC).
+# Run it on an idle machine: each run is a whole `make demo` (about 7 minutes on an idle 2-core EPYC).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1; shift
@@ -16,7 +16,7 @@ for seed in "$@"; do
         SEED "$seed" OUTPUT_DIR "$dir" ${OPTS:-} > "$dir.log" 2>&1
     wall=$(( $(date +%s) - start ))
     speed=$(grep -o "Overall training speed.*" "$dir.log" || true)
-    box=$(grep -A3 "copypaste: Task: bbox" "$dir.log" | tail -1 | sed 's/.*copypaste: //')
-    mask=$(grep -A3 "copypaste: Task: segm" "$dir.log" | tail -1 | sed 's/.*copypaste: //')
+    box=$(grep -A2 "copypaste: Task: bbox" "$dir.log" | tail -1 | sed 's/.*copypaste: //')
+    mask=$(grep -A2 "copypaste: Task: segm" "$dir.log" | tail -1 | sed 's/.*copypaste: //')
     echo "seed $seed: wall ${wall}s; $speed; box AP,AP50,AP75,APs,APm,APl: $box; mask: $mask"
 done
