@@ -11,15 +11,8 @@ RUN_DIR is a tools/train_net.py output directory (its COCOEvaluator wrote infere
 import json
 import sys
 
+import pycocotools.mask as mask_util
 import torch
-
-
-def iou(a, b):
-    """IoU of two (x, y, w, h) boxes."""
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def main(val_json, runs):
@@ -32,7 +25,10 @@ def main(val_json, runs):
         by_image = {p["image_id"]: p["instances"] for p in preds}
         found = right = 0
         for ann in gt["annotations"]:
-            matches = [d for d in by_image.get(ann["image_id"], []) if iou(ann["bbox"], d["bbox"]) >= 0.5]
+            detections = by_image.get(ann["image_id"], [])
+            # pycocotools' IoU of (x, y, w, h) boxes, as COCOeval computes it: detections x [this object].
+            ious = mask_util.iou([d["bbox"] for d in detections], [ann["bbox"]], [0]) if detections else []
+            matches = [d for d, overlap in zip(detections, ious) if overlap[0] >= 0.5]
             if matches:
                 best = max(matches, key=lambda d: d["score"])
                 found += 1
