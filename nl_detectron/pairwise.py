@@ -271,8 +271,8 @@ def _float32_for_float16(query):
 
 
 def _concat_pairs(u, v, value):
-    """ReLU(u_i + v_j) applied to value / N': (B, n), (B, N'), (B, N', C) -> (B, n, C)."""
-    return torch.relu_(u[:, :, None] + v[:, None, :]) @ (value / v.shape[1])
+    """ReLU(u_i + v_j) applied to value: (B, n), (B, N'), (B, N', C) -> (B, n, C)."""
+    return torch.relu_(u[:, :, None] + v[:, None, :]) @ value
 
 
 def concatenation_attention(query, key, value, w_theta, w_phi):
@@ -288,6 +288,7 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
         query, key, value, w_theta, w_phi = (upcast(t) for t in (query, key, value, w_theta, w_phi))
         u = (query @ w_theta.to(query.dtype).t()).squeeze(-1)  # (B, N)
         v = (key @ w_phi.to(key.dtype).t()).squeeze(-1)  # (B, N')
+        value = value / v.shape[1]  # the 1/N' normaliser once, not per chunk
         spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
         if not _wants_grad(u, v, value):
             return torch.cat([_concat_pairs(u[:, rows], v, value) for rows in spans], dim=1).to(dtype)
