@@ -132,6 +132,10 @@ def test_lazyconfig_train_net_trains_evaluates_and_writes_detectron2_logs(tmp_pa
         [
             # The R50 config as it is, on the built-in dataset, at 64 px, for two iterations.
             f"train.output_dir={tmp_path}", "train.init_checkpoint=''", "train.device=cpu",
+            # default_setup reseeds every RNG from train.seed (from the clock when it is -1). A random R50's
+            # box deltas are huge: for some initialisations every box leaves the 64 px image, is dropped,
+            # and COCOEvaluator, seeing no masks, evaluates bbox only. Seed 1 keeps 3 and 4 boxes.
+            "train.seed=1",
             "train.max_iter=2", "train.log_period=1", "train.checkpointer.period=1000",
             "optimizer.lr=1e-6",  # random R50 with FrozenBN has huge losses: keep the model finite
             "model.roi_heads.num_classes=3",  # the built-in dataset's classes
@@ -147,7 +151,6 @@ def test_lazyconfig_train_net_trains_evaluates_and_writes_detectron2_logs(tmp_pa
         ]
     )
     parser = default_argument_parser()
-    torch.manual_seed(0)
     tool.main(parser.parse_args(["--config-file", LAZY_CONFIG] + opts))
 
     records = [json.loads(line) for line in open(tmp_path / "metrics.json")]
