@@ -24,7 +24,10 @@ VARIANTS = {
     "192px": _192,
     "mask64": ["MODEL.ROI_MASK_HEAD.CONV_DIM", "64"],
     "rois32": ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32"],
+    "rois48": ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "48"],
     "proposals150": ["MODEL.RPN.POST_NMS_TOPK_TRAIN", "150"],
+    "fpn96": ["MODEL.FPN.OUT_CHANNELS", "96"],
+    "rois32-fpn96": ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.FPN.OUT_CHANNELS", "96"],
     "192px-mask64": _192 + ["MODEL.ROI_MASK_HEAD.CONV_DIM", "64"],
 }
 STEPS, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
