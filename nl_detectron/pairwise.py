@@ -27,35 +27,47 @@ pairwise_chunk_elements = {"cpu": 1 << 20, "cuda": 1 << 26}
 # with x pooled, 16 Mi elements: one chunk, 0.97 of the naive form's time; 1 Mi: 1.20), and a chunk's
 # matrices are alive only while it is recomputed.
 concat_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
-# CUDA materialises the matrix up to this many elements (1 GiB in float32): res4 and res3 with
-# subsampling at batch 2 (res3 without: 0.56e9 elements); above it the fused kernels' memory wins.
-CUDA_MATERIALISE_ELEMENTS = 1 << 28
+# The matrix is kept up to this many elements (1 GiB in float32) where keeping it is a choice: on CUDA
+# res4, and res3 with subsampling, at batch 2 (res3 without: 0.56e9 elements), above which the fused
+# kernels' memory wins; for concatenation on the CPU the same size is where recomputing its chunks
+# became the faster path (res3 without subsampling).
+MATERIALISE_ELEMENTS = 1 << 28
 
 
-def materialise_pairwise(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fused: bool) -> bool:
+def materialise_pairwise(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fused: bool, recomputable: bool = False
+) -> bool:
     """
-    The cost rule of the softmax modes: whether a forward+backward keeps the one (B, N, N') matrix of
-    weights (``True``) or never keeps it (SDPA's fused kernel, which recomputes the weights in backward).
-    ``fused``: whether SDPA's fused kernels take these shapes at all (False for gaussian on the CPU: its
-    flash kernel needs as many value as key channels, and gaussian compares C-channel x against C/2-channel
-    g(x)). Only the device, the dtype, the head dim d and the matrix's size matter:
+    The cost rule of every pairwise function that forms the N x N' matrix: whether a forward+backward
+    keeps the one (B, N, N') matrix of weights (``True``) or never keeps it (SDPA's fused kernel, which
+    recomputes the weights in backward, or query chunks recomputed in backward). ``fused``: whether SDPA's
+    fused kernels take these shapes at all (False for gaussian on the CPU: its flash kernel needs as many
+    value as key channels, and gaussian compares C-channel x against C/2-channel g(x); False for
+    concatenation, which is no softmax). ``recomputable``: whether the weights can be recomputed without
+    a matrix product (concatenation's ReLU of a sum). Only the device, the dtype, the head dim d and the
+    matrix's size matter:
 
-    * CPU: keep it only where there is no fused kernel. Even for the smallest matrix of
+    * CPU, softmax modes: keep it only where there is no fused kernel. Even for the smallest matrix of
       ``benchmarks/nonlocal_block.py`` (res4 with x pooled, 2 x 4200 x 1050) SDPA's flash kernel took
       0.92-0.95 of the naive form's float32 time where the materialised path took 1.00-1.08, with 0.95
       against 0.99 of its memory (shared 2-core EPYC); larger matrices favour the kernel more. In
       bfloat16 (res4 subsampled) flash took 1.10 and materialising 1.35: the CPU has no float32-output
       product of 16-bit operands, and 16-bit logits would lose the attention when dot products are large.
       Gaussian's materialised form beats recomputing its C-channel logits.
+    * CPU, concatenation: keep it up to ``MATERIALISE_ELEMENTS``. Its attention alone, forward+backward
+      (2-core EPYC): res4 x pooled 376 ms kept against 421 recomputed, res4 1366 / 1571, res3 subsampled
+      2873 / 3821, res3 17.1 / 16.3 s.
     * CUDA: keep it where the fused kernels have no fast backward, i.e. in float32 (the memory-efficient
-      kernel; 1.2-1.3x the naive form's time on an H100) and for head dims over 256 (res4's 512-d
-      embeddings, gaussian's x), up to ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is what
-      runs out, SDPA's forward and a backward over query chunks. 16-bit with d <= 256 (res3): SDPA.
+      kernel; 1.2-1.3x the naive form's time on an H100), for head dims over 256 (res4's 512-d
+      embeddings, gaussian's x) and without a fused kernel, up to ``MATERIALISE_ELEMENTS``; above that,
+      where memory is what runs out, SDPA's forward and a backward over query chunks (concatenation:
+      recomputed chunks). 16-bit with d <= 256 (res3): SDPA.
     """
+    small = query.shape[0] * query.shape[1] * key.shape[1] <= MATERIALISE_ELEMENTS
     if not query.is_cuda:
-        return not fused
+        return small if recomputable else not fused
     slow_fused = query.dtype == torch.float32 or query.shape[-1] > 256 or not fused
-    return slow_fused and query.shape[0] * query.shape[1] * key.shape[1] <= CUDA_MATERIALISE_ELEMENTS
+    return slow_fused and small
 
 
 def _row_chunks(num_rows, chunk):
@@ -249,15 +261,40 @@ class _SdpaChunkedBackward(torch.autograd.Function):
 
 def dot_product_attention(query, key, value):
     """
-    ``sum_j (q_i . k_j) v_j / N'`` computed as ``q (k^T v) / N'`` (associativity): linear in N, never
-    forms the N x N' matrix; autograd keeps q, k, v and the (B, d, C') product. In float32 for float16
+    ``sum_j (q_i . k_j) v_j / N'`` computed as ``q (k^T v / N')`` (associativity): linear in N, never
+    forms the N x N' matrix; keeps q, k, v and the (B, d, C') product for backward. In float32 for float16
     inputs, which cannot hold sums over thousands of positions.
     """
     dtype = query.dtype
     with _float32_for_float16(query) as upcast:
-        query, key, value = (upcast(t) for t in (query, key, value))
-        y = query @ (key.transpose(1, 2) @ value) / key.shape[1]
+        y = _DotProduct.apply(*(upcast(t) for t in (query, key, value)))
     return y.to(dtype)
+
+
+class _DotProduct(torch.autograd.Function):
+    """
+    ``q (k^T v / N')`` with gradients in the layout of the maps the rows are views of: autograd's matmul
+    backward returns row-contiguous gradients for q and v, which theta's and g's convolutions must copy
+    back to NCHW (3% of the block's time at res3 on the CPU). The output stays row-contiguous, which is
+    what W_z's 1x1 convolution takes fastest.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        keys_values = torch.bmm(key.transpose(1, 2), value).div_(key.shape[1])  # (B, d, C')
+        ctx.save_for_backward(query, key, value, keys_values)
+        return torch.bmm(query, keys_values)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, keys_values = ctx.saved_tensors
+        # Each gradient as its transpose (B, channels, positions), the product's natural output there.
+        grad_query = torch.bmm(keys_values, grad_out.transpose(1, 2)).transpose(1, 2)
+        grad_keys_values = torch.bmm(query.transpose(1, 2), grad_out).div_(key.shape[1])
+        grad_key = torch.bmm(grad_keys_values, value.transpose(1, 2)).transpose(1, 2)
+        grad_value = torch.bmm(grad_keys_values.transpose(1, 2), key.transpose(1, 2)).transpose(1, 2)
+        return grad_query, grad_key, grad_value
 
 
 @contextlib.contextmanager
@@ -278,10 +315,16 @@ def _concat_pairs(u, v, value):
 def concatenation_attention(query, key, value, w_theta, w_phi):
     """
     ``sum_j ReLU(w_theta . q_i + w_phi . k_j) v_j / N'`` (w_f^T [theta_i, phi_j] split in two), in float32
-    for float16 inputs. Memory for backward: nothing of size N x N'. It goes by query chunks of
-    ``concat_chunk_elements``, each recomputed in backward: a ReLU of a sum, no matrix product, so
-    recomputing costs less than keeping the matrix would save (no cost rule needed). Without autograd:
-    the same chunks, keeping nothing.
+    for float16 inputs.
+
+    Memory for backward, by :func:`materialise_pairwise`:
+
+    * materialised: the one (B, N, N') matrix of ReLU'd pairs (the ReLU's mask is read off it), built
+      over cache-sized query chunks; backward reduces the pairs' gradient chunk by chunk, never whole;
+    * not materialised: nothing of size N x N'. It goes by query chunks of ``concat_chunk_elements``, each
+      recomputed in backward (a ReLU of a sum, no matrix product).
+
+    Without autograd: query chunks, keeping nothing.
     """
     dtype = query.dtype
     with _float32_for_float16(query) as upcast:
@@ -289,8 +332,49 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
         u = (query @ w_theta.to(query.dtype).t()).squeeze(-1)  # (B, N)
         v = (key @ w_phi.to(key.dtype).t()).squeeze(-1)  # (B, N')
         value = value / v.shape[1]  # the 1/N' normaliser once, not per chunk
-        spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
         if not _wants_grad(u, v, value):
+            spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
             return torch.cat([_concat_pairs(u[:, rows], v, value) for rows in spans], dim=1).to(dtype)
+        if materialise_pairwise(query, key, value, fused=False, recomputable=True):
+            return _ConcatKeepingPairs.apply(u, v, value, _chunk_rows(query, key)).to(dtype)
+        spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
         chunks = [checkpoint(_concat_pairs, u[:, rows], v, value, use_reentrant=False) for rows in spans]
     return torch.cat(chunks, dim=1).to(dtype)
+
+
+class _ConcatKeepingPairs(torch.autograd.Function):
+    """
+    ReLU(u_i + v_j) @ value with one (B, N, N') matrix, the ReLU'd pairs, kept for backward and nothing
+    else of the forward's: the sum and the ReLU in one pass over each chunk of ``chunk`` query rows
+    (which stays in cache). Backward forms the pairs' gradient one chunk at a time, masks it by the kept
+    pairs (ReLU's derivative) and reduces it to the gradients of u and v while it is in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, u, v, value, chunk):
+        dtype = torch.promote_types(torch.promote_types(u.dtype, v.dtype), value.dtype)
+        with torch.autocast(u.device.type, enabled=False):
+            u, v, value = u.to(dtype), v.to(dtype), value.to(dtype)
+            pairs = u.new_empty(u.shape[0], u.shape[1], v.shape[1])
+            for rows in _row_chunks(u.shape[1], chunk):
+                torch.add(u[:, rows, None], v[:, None, :], out=pairs[:, rows]).relu_()
+            out = torch.bmm(pairs, value)
+        ctx.chunk = chunk
+        ctx.save_for_backward(value, pairs)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        value, pairs = ctx.saved_tensors
+        grad_out = grad_out.to(value.dtype)
+        grad_value = torch.bmm(pairs.transpose(1, 2), grad_out)
+        grad_u = pairs.new_empty(pairs.shape[:2])
+        grad_v = pairs.new_zeros(pairs.shape[0], pairs.shape[2])
+        value_t = value.transpose(1, 2)
+        for rows in _row_chunks(pairs.shape[1], ctx.chunk):
+            grad_pairs = torch.bmm(grad_out[:, rows], value_t)
+            torch.ops.aten.threshold_backward.grad_input(grad_pairs, pairs[:, rows], 0, grad_input=grad_pairs)
+            grad_u[:, rows] = grad_pairs.sum(dim=-1)
+            grad_v += grad_pairs.sum(dim=1)
+        return grad_u, grad_v, grad_value, None

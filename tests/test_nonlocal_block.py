@@ -88,7 +88,9 @@ def force_chunked_backward(monkeypatch):
 
 
 def mode_paths(mode):
-    """The paths ``mode`` has: the softmax modes three, dot_product and concatenation one each."""
+    """The paths ``mode`` has: the softmax modes three, concatenation two, dot_product one."""
+    if mode == "concatenation":
+        return PATHS[:2]
     return PATHS if mode in SOFTMAX_MODES else ("rule",)
 
 
@@ -138,9 +140,12 @@ def rule_rows(n, n_keys, d, value_channels, dtype=torch.float32):
 def test_cost_rule_on_the_cpu(n, n_keys, channels, dtype):
     # The benchmark's cases (res4/res3, with and without subsampling, batch 2): on the CPU the matrix is kept
     # exactly where no fused kernel takes the shapes (gaussian's C-channel logits, C/2-channel values).
+    # Concatenation keeps it up to 2^28 elements: everywhere but res3 without subsampling (0.56e9).
     inner = channels // 2
     assert not pairwise.materialise_pairwise(*rule_rows(n, n_keys, inner, inner, dtype), fused=True)
     assert pairwise.materialise_pairwise(*rule_rows(n, n_keys, channels, inner), fused=False)
+    concatenation = pairwise.materialise_pairwise(*rule_rows(n, n_keys, inner, inner, dtype), False, True)
+    assert concatenation == (n_keys != 16800)
 
 
 @pytest.mark.parametrize("use_scale", [True, False])
