@@ -49,7 +49,7 @@ from torch import nn
 from nl_detectron import pairwise
 from nl_detectron.nonlocal_block import NONLOCAL_MODES, NonLocalBlock2d
 
-from _proc import cpu_name, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
+from _proc import cpu_name, cpu_vector_flags, reset_peak_rss, status_kib  # benchmarks/_proc.py, beside this script
 from _sdpa import sdpa_kernels  # benchmarks/_sdpa.py
 
 # name: (channels, height, width, sub_sample, sub_sample_input); stride 16 (res4) and 8 (res3) of an
@@ -239,6 +239,8 @@ def materialised(mode, case, device, dtype):
     # The dtype the block's aggregation sees: gaussian's float32 x; the convolutions' under autocast.
     rows_dtype = torch.float32 if mode == "gaussian" or dtype == "float32" else DTYPES[dtype]
     q, k, v = (torch.empty(BATCH, m, c, device=device, dtype=rows_dtype) for m, c in ((n, d), (n_keys, d), (n_keys, inner)))
+    if mode == "concatenation":
+        return pairwise.materialise_pairwise(q, k, v, fused=False, recomputable=True)
     fused = mode != "gaussian" or device == "cuda"
     return pairwise.materialise_pairwise(q, k, v, fused=fused)
 
@@ -276,7 +278,7 @@ def check_same_function(mode):
 
 def machine(device):
     info = {
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_flags": cpu_vector_flags(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
     }
     if device == "cuda":
