@@ -337,9 +337,13 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
             return torch.cat([_concat_pairs(u[:, rows], v, value) for rows in spans], dim=1).to(dtype)
         if materialise_pairwise(query, key, value, fused=False, recomputable=True):
             return _ConcatKeepingPairs.apply(u, v, value, _chunk_rows(query, key)).to(dtype)
-        spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
-        chunks = [checkpoint(_concat_pairs, u[:, rows], v, value, use_reentrant=False) for rows in spans]
-    return torch.cat(chunks, dim=1).to(dtype)
+        return _concat_recomputed(u, v, value, _chunk_rows(query, key, concat_chunk_elements)).to(dtype)
+
+
+def _concat_recomputed(u, v, value, chunk):
+    """ReLU(u_i + v_j) @ value by chunks of ``chunk`` query rows, each recomputed in backward."""
+    spans = _row_chunks(u.shape[1], chunk)
+    return torch.cat([checkpoint(_concat_pairs, u[:, rows], v, value, use_reentrant=False) for rows in spans], dim=1)
 
 
 class _ConcatKeepingPairs(torch.autograd.Function):
