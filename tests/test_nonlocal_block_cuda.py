@@ -157,3 +157,17 @@ def test_cost_rule_on_cuda(monkeypatch, mode, channels, dtype, budget, path):
     with torch.no_grad():  # inference: SDPA's fused forward alone
         block(x)
     assert calls == expected.get(path, [])
+
+
+@pytest.mark.parametrize("budget,kept", [(None, True), (0, False)])
+def test_concatenation_cost_rule_on_cuda(monkeypatch, budget, kept):
+    # Concatenation keeps its matrix of ReLU'd pairs within the budget, else recomputes query chunks.
+    if budget is not None:
+        monkeypatch.setattr(pairwise, "MATERIALISE_ELEMENTS", budget)
+    calls = []
+    function = pairwise._ConcatKeepingPairs
+    monkeypatch.setattr(function, "apply", lambda *args, f=function.apply: calls.append(1) or f(*args))
+    block = NonLocalBlock2d(64, mode="concatenation").cuda()
+    x = torch.randn(2, 64, 12, 14, device="cuda", requires_grad=True)
+    block(x).sum().backward()
+    assert calls == ([1] if kept else [])
