@@ -263,11 +263,16 @@ def dot_product_attention(query, key, value):
     """
     ``sum_j (q_i . k_j) v_j / N'`` computed as ``q (k^T v / N')`` (associativity): linear in N, never
     forms the N x N' matrix; keeps q, k, v and the (B, d, C') product for backward. In float32 for float16
-    inputs, which cannot hold sums over thousands of positions.
+    inputs, which cannot hold sums over thousands of positions. Without autograd: the two products as
+    they are (which fvcore's FLOP count traces; it cannot see into an autograd Function).
     """
     dtype = query.dtype
     with _float32_for_float16(query) as upcast:
-        y = _DotProduct.apply(*(upcast(t) for t in (query, key, value)))
+        query, key, value = (upcast(t) for t in (query, key, value))
+        if _wants_grad(query, key, value):
+            y = _DotProduct.apply(query, key, value)
+        else:
+            y = query @ (key.transpose(1, 2) @ value).div_(key.shape[1])
     return y.to(dtype)
 
 
