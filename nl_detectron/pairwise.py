@@ -2,9 +2,9 @@
 The non-local block's pairwise aggregation ``y_i = 1/C(x) * sum_j f(x_i, x_j) g(x_j)`` (paper, eq. 1),
 one function per pairwise function f, on rows: queries (B, N, d), keys (B, N', d), values (B, N', C').
 
-Each function's docstring states what it keeps for backward. The softmax modes either materialise the
-N x N' matrix once or never keep it, as the cost rule :func:`materialise_pairwise` decides per call;
-dot product never forms it; concatenation never keeps it.
+Each function's docstring states what it keeps for backward. The softmax modes and concatenation either
+materialise the N x N' matrix once or never keep it, as the cost rule :func:`materialise_pairwise`
+decides per call; dot product never forms it.
 """
 import contextlib
 
@@ -23,9 +23,10 @@ __all__ = [
 # are live at the block's peak of memory); on CUDA larger, since GPU kernels need large work items (at
 # 16 MiB, concatenation was 2-5x slower on an H100 for the launch overheads).
 pairwise_chunk_elements = {"cpu": 1 << 20, "cuda": 1 << 26}
-# Concatenation's chunks are recomputed in backward: fewer, larger ones cost less time on the CPU (at res4
-# with x pooled, 16 Mi elements: one chunk, 0.97 of the naive form's time; 1 Mi: 1.20), and a chunk's
-# matrices are alive only while it is recomputed.
+# Concatenation's chunks where its matrix is not kept (above MATERIALISE_ELEMENTS) are recomputed in
+# backward: fewer, larger ones cost less time on the CPU (at res4 with x pooled, 16 Mi elements: one
+# chunk, 0.97 of the naive form's time; 1 Mi: 1.20), and a chunk's matrices are alive only while it is
+# recomputed.
 concat_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
 # The matrix is kept up to this many elements (1 GiB in float32) where keeping it is a choice: on CUDA
 # res4, and res3 with subsampling, at batch 2 (res3 without: 0.56e9 elements), above which the fused
@@ -54,9 +55,9 @@ def materialise_pairwise(
       bfloat16 (res4 subsampled) flash took 1.10 and materialising 1.35: the CPU has no float32-output
       product of 16-bit operands, and 16-bit logits would lose the attention when dot products are large.
       Gaussian's materialised form beats recomputing its C-channel logits.
-    * CPU, concatenation: keep it up to ``MATERIALISE_ELEMENTS``. Its attention alone, forward+backward
-      (2-core EPYC): res4 x pooled 376 ms kept against 421 recomputed, res4 1366 / 1571, res3 subsampled
-      2873 / 3821, res3 17.1 / 16.3 s.
+    * CPU, concatenation: keep it up to ``MATERIALISE_ELEMENTS``. Its attention alone, forward+backward,
+      kept against recomputed (2-core AVX2 EPYC; ``benchmarks/concatenation_paths.py``): res4 x pooled
+      376 / 421 ms, res4 1366 / 1571 ms, res3 subsampled 2873 / 3821 ms, res3 17.1 / 16.3 s.
     * CUDA: keep it where the fused kernels have no fast backward, i.e. in float32 (the memory-efficient
       kernel; 1.2-1.3x the naive form's time on an H100), for head dims over 256 (res4's 512-d
       embeddings, gaussian's x) and without a fused kernel, up to ``MATERIALISE_ELEMENTS``; above that,
