@@ -464,6 +464,13 @@ def test_key_max_pool_matches_torch_with_ties_and_odd_sizes():
     y = max_pool_2x2(x)
     assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2, ceil_mode=True))
     assert torch.equal(torch.autograd.grad(y, x, grad)[0], expected)
+    # The layouts it is handed in a model: a channels-last gradient (from a convolution's backward), a
+    # channels-last map.
+    channels_last = grad.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(torch.autograd.grad(max_pool_2x2(x), x, channels_last)[0], expected)
+    x_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.equal(max_pool_2x2(x_last), y)
+    assert torch.equal(torch.autograd.grad(max_pool_2x2(x_last), x_last, channels_last)[0], expected)
 
 
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
