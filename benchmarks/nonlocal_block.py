@@ -236,8 +236,11 @@ def materialised(mode, case, device, dtype):
     n, inner = height * width, channels // 2
     n_keys = math.ceil(height / 2) * math.ceil(width / 2) if sub_sample else n
     d = channels if mode == "gaussian" else inner
-    # The dtype the block's aggregation sees: gaussian's float32 x; the convolutions' under autocast.
-    rows_dtype = torch.float32 if mode == "gaussian" or dtype == "float32" else DTYPES[dtype]
+    # The dtype the block's aggregation sees: the convolutions' under autocast; gaussian's x in float32,
+    # but in the autocast dtype on CUDA and in bfloat16 on the CPU.
+    rows_dtype = DTYPES[dtype]
+    if mode == "gaussian" and device == "cpu" and dtype == "float16":
+        rows_dtype = torch.float32
     q, k, v = (torch.empty(BATCH, m, c, device=device, dtype=rows_dtype) for m, c in ((n, d), (n_keys, d), (n_keys, inner)))
     if mode == "concatenation":
         return pairwise.materialise_pairwise(q, k, v, fused=False, recomputable=True)
@@ -261,6 +264,8 @@ def sdpa_backend(mode, case, device, dtype):
     finally:
         pairwise.materialise_pairwise = rule
     path = {None: "no N x N' matrix", True: "materialised"}.get(keep, "not materialised")
+    if keep and device == "cpu" and dtype == "bfloat16" and mode != "concatenation":
+        path += ", bfloat16 products"
     return path if kernels == "none" else f"{path}, SDPA {kernels}"
 
 
@@ -278,7 +283,8 @@ def check_same_function(mode):
 
 def machine(device):
     info = {
-        "cpu": cpu_name(), "cpu_flags": cpu_vector_flags(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_flags": cpu_vector_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
     }
     if device == "cuda":

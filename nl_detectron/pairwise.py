@@ -7,6 +7,7 @@ materialise the N x N' matrix once or never keep it, as the cost rule :func:`mat
 decides per call; dot product never forms it.
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,16 @@ concat_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
 # kernels' memory wins; for concatenation on the CPU the same size is where recomputing its chunks
 # became the faster path (res3 without subsampling).
 MATERIALISE_ELEMENTS = 1 << 28
+# float32 softmax on AVX-512 CPUs: the matrix is kept up to this many elements (res4 at batch 2; res3 with
+# subsampling has 1.4e8), see materialise_pairwise.
+CPU_FLOAT32_MATERIALISE_ELEMENTS = 1 << 26
+# bfloat16 logits on the CPU (see _SoftmaxBfloat16): rows whose largest centred, scaled logit exceeds this
+# have theirs computed again from float32 products. A row's centred logits average 0, and bfloat16 keeps 8
+# significant bits: below the bound the logits that carry weight (those near the largest) are off by at
+# most 16 * 2^-8 = 1/16, and logits far below the largest carry next to none. Measured: the benchmark's
+# gaussian res4 (largest centred logits 11) 2.5e-3 relative error of the output against 2.0e-3 with float32
+# products; tests/test_nonlocal_block.py's logits of +-256: 0.24 on bfloat16 logits, 4e-3 on float32 rows.
+BFLOAT16_LOGIT_BOUND = 16.0
 
 
 def materialise_pairwise(
@@ -48,13 +59,17 @@ def materialise_pairwise(
     a matrix product (concatenation's ReLU of a sum). Only the device, the dtype, the head dim d and the
     matrix's size matter:
 
-    * CPU, softmax modes: keep it only where there is no fused kernel. Even for the smallest matrix of
-      ``benchmarks/nonlocal_block.py`` (res4 with x pooled, 2 x 4200 x 1050) SDPA's flash kernel took
-      0.92-0.95 of the naive form's float32 time where the materialised path took 1.00-1.08, with 0.95
-      against 0.99 of its memory (shared 2-core EPYC); larger matrices favour the kernel more. In
-      bfloat16 (res4 subsampled) flash took 1.10 and materialising 1.35: the CPU has no float32-output
-      product of 16-bit operands, and 16-bit logits would lose the attention when dot products are large.
-      Gaussian's materialised form beats recomputing its C-channel logits.
+    * CPU, softmax modes, bfloat16: keep it (:class:`_SoftmaxBfloat16`, bfloat16 products) up to
+      ``MATERIALISE_ELEMENTS``, above that SDPA's flash kernel where it takes the shapes. Attention alone,
+      forward+backward, against the naive form's under autocast (2-core AVX-512 EPYC): res4 x pooled
+      0.80-0.85 (flash 2.5x), res3 subsampled 0.72 (flash 1.66), res3 0.42 (flash 0.84, which keeps
+      nothing of size N x N').
+    * CPU, softmax modes, float32: on AVX-512 CPUs keep it up to ``CPU_FLOAT32_MATERIALISE_ELEMENTS``
+      (res4 at batch 2): the whole block took 0.950-0.962 of the naive form's time there against SDPA
+      flash's 0.994-1.038 (11 alternating rounds, 2-core AVX-512 EPYC), and at res3 both took about 0.6,
+      flash with nothing of size N x N' kept. Elsewhere (AVX2) keep it only where there is no fused
+      kernel: forced, the materialised path took 1.079 of the naive time at res4 subsampled where flash
+      took 1.010 (2-core AVX2 EPYC). Gaussian's materialised form beats recomputing its C-channel logits.
     * CPU, concatenation: keep it up to ``MATERIALISE_ELEMENTS``. Its attention alone, forward+backward,
       kept against recomputed (2-core AVX2 EPYC; ``benchmarks/concatenation_paths.py``): res4 x pooled
       376 / 421 ms, res4 1366 / 1571 ms, res3 subsampled 2873 / 3821 ms, res3 17.1 / 16.3 s.
@@ -64,11 +79,32 @@ def materialise_pairwise(
       where memory is what runs out, SDPA's forward and a backward over query chunks (concatenation:
       recomputed chunks). 16-bit with d <= 256 (res3): SDPA.
     """
-    small = query.shape[0] * query.shape[1] * key.shape[1] <= MATERIALISE_ELEMENTS
+    elements = query.shape[0] * query.shape[1] * key.shape[1]
+    small = elements <= MATERIALISE_ELEMENTS
     if not query.is_cuda:
-        return small if recomputable else not fused
+        if recomputable:
+            return small
+        if _bfloat16_products(query):
+            return small or not fused
+        if query.dtype == torch.float32 and _cpu_capability() == "AVX512":
+            return elements <= CPU_FLOAT32_MATERIALISE_ELEMENTS or not fused
+        return not fused
     slow_fused = query.dtype == torch.float32 or query.shape[-1] > 256 or not fused
     return slow_fused and small
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_capability() -> str:
+    """The vector instructions ATen's CPU kernels dispatch to: "AVX512", "AVX2", "DEFAULT", ..."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _bfloat16_products(query) -> bool:
+    """
+    Whether the materialised softmax multiplies in bfloat16 itself (:class:`_SoftmaxBfloat16`): bfloat16
+    rows on the CPU, whose products (oneDNN) accumulate in float32 but return bfloat16.
+    """
+    return not query.is_cuda and query.dtype == torch.bfloat16
 
 
 def _row_chunks(num_rows, chunk):
@@ -143,13 +179,16 @@ def softmax_attention(query, key, value, scale: float, fused: bool = True):
     ``softmax_j(q_i . k_j * scale) v_j``: the embedded Gaussian (q, k = theta(x), phi(x)) and the Gaussian
     (q, k = x itself) pairwise functions with their softmax normaliser. (B, N, d), (B, N', d), (B, N', C')
     -> (B, N, C') in ``query``'s dtype; logits, softmax and sums in float32 (float64 for float64 inputs),
-    so 16-bit logits beyond float16's range do not overflow. ``fused``: whether SDPA's fused kernels take
-    these shapes (False for gaussian on the CPU, whose fused kernel needs C' == d).
+    so 16-bit logits beyond float16's range do not overflow; bfloat16 on the CPU under autograd: products
+    in bfloat16 of centred keys, guarded by ``BFLOAT16_LOGIT_BOUND`` (:class:`_SoftmaxBfloat16`).
+    ``fused``: whether SDPA's fused kernels take these shapes (False for gaussian on the CPU, whose fused
+    kernel needs C' == d).
 
     Memory for backward, by :func:`materialise_pairwise`:
 
-    * materialised: one (B, N, N') matrix of weights (float32), whose elementwise passes run over
-      cache-sized query chunks, and which backward turns into the logits' gradient in place;
+    * materialised: one (B, N, N') matrix of weights (float32; bfloat16 for bfloat16 on the CPU and for
+      16-bit on CUDA), whose elementwise passes run over cache-sized query chunks, and which backward
+      turns into the logits' gradient in place;
     * fused: nothing of size N x N' (SDPA's fused kernel recomputes the weights in backward); on CUDA for
       head dims over 256, SDPA's forward and our backward over query chunks, one chunk's matrices at a time.
 
@@ -157,6 +196,8 @@ def softmax_attention(query, key, value, scale: float, fused: bool = True):
     """
     if _wants_grad(query, key, value):
         if materialise_pairwise(query, key, value, fused):
+            if _bfloat16_products(query):
+                return _SoftmaxBfloat16.apply(query, key, value, scale, _chunk_rows(query, key))
             return _SoftmaxKeepingWeights.apply(query, key, value, scale, _chunk_rows(query, key))
         if _slow_fused_backward(query):
             return _SdpaChunkedBackward.apply(query, key, value, scale, _chunk_rows(query, key))
@@ -222,6 +263,65 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
             grad_query = _bmm(grad_logits, k, dtype)
             grad_key = _bmm(q.transpose(1, 2), grad_logits, dtype).transpose(1, 2)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+class _SoftmaxBfloat16(torch.autograd.Function):
+    """
+    softmax(q k^T * scale) v for bfloat16 rows on the CPU, with one bfloat16 (B, N, N') matrix kept for
+    backward: the products in bfloat16 (float32 accumulation, bfloat16 results, as the naive form's under
+    autocast), softmax and its gradient with float32 arithmetic in place over chunks of ``chunk`` query
+    rows.
+
+    Softmax is invariant to a shift of a row's logits, so the keys are centred on their mean (and the
+    values, for the weights' gradient) before products are rounded to bfloat16: what is rounded is each
+    logit's distance from its row's mean, not a large component that every pair shares (as ReLU features
+    do). Rows with a centred logit beyond ``BFLOAT16_LOGIT_BOUND`` have their logits computed again from
+    float32 products. The centring leaves the gradients as they are (each row of the logits' gradient
+    sums to zero).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        with torch.autocast("cpu", enabled=False):
+            key = _centred(key, scale)  # rounded to bfloat16 once, with the scale
+            weights = torch.bmm(query, key.transpose(1, 2))  # the scaled logits, then their softmax in place
+            for batch in range(weights.shape[0]):
+                for rows in _row_chunks(weights.shape[1], chunk):
+                    part = weights[batch, rows]
+                    large = torch.amax(part, dim=-1) > BFLOAT16_LOGIT_BOUND
+                    _softmax_(part)
+                    if large.any():
+                        logits = query[batch, rows][large].float() @ key[batch].float().t()
+                        part[large] = torch.softmax(logits, dim=-1).to(part.dtype)
+            out = torch.bmm(weights, value.to(weights.dtype))
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(query, key, value, weights)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, weights = ctx.saved_tensors  # key: centred and scaled
+        with torch.autocast("cpu", enabled=False):
+            grad_out = grad_out.to(weights.dtype)
+            grad_value = torch.bmm(weights.transpose(1, 2), grad_out)
+            value_t = _centred(value, 1.0).transpose(1, 2)
+            # d loss / d logits = P * (dL/dP - rowsum(P * dL/dP)), in place of P: softmax's own backward
+            # kernel (float32 arithmetic), per chunk while it is in cache.
+            for batch in range(weights.shape[0]):
+                for rows in _row_chunks(weights.shape[1], ctx.chunk):
+                    part = weights[batch, rows]
+                    grad_part = grad_out[batch, rows] @ value_t[batch]
+                    torch.ops.aten._softmax_backward_data.out(grad_part, part, -1, part.dtype, grad_input=part)
+            grad_query = torch.bmm(weights, key)
+            grad_key = torch.bmm(query.transpose(1, 2), weights).transpose(1, 2).mul_(ctx.scale)
+        return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+def _centred(rows, scale):
+    """(rows - their mean over positions) * scale, computed in float32, in ``rows``' dtype: (B, M, C)."""
+    rows32 = rows.float()
+    return (rows32 - rows32.mean(dim=1, keepdim=True)).mul_(scale).to(rows.dtype)
 
 
 class _SdpaChunkedBackward(torch.autograd.Function):

@@ -133,19 +133,70 @@ def rule_rows(n, n_keys, d, value_channels, dtype=torch.float32):
     return [torch.empty(2, m, c, dtype=dtype, device="meta") for m, c in ((n, d), (n_keys, d), (n_keys, value_channels))]
 
 
+BENCHMARK_CASES = [(4200, 1050, 1024), (4200, 4200, 1024), (16800, 4200, 512), (16800, 16800, 512)]
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "n,n_keys,channels", [(4200, 1050, 1024), (4200, 4200, 1024), (16800, 4200, 512), (16800, 16800, 512)]
-)
-def test_cost_rule_on_the_cpu(n, n_keys, channels, dtype):
-    # The benchmark's cases (res4/res3, with and without subsampling, batch 2): on the CPU the matrix is kept
-    # exactly where no fused kernel takes the shapes (gaussian's C-channel logits, C/2-channel values).
-    # Concatenation keeps it up to 2^28 elements: everywhere but res3 without subsampling (0.56e9).
+@pytest.mark.parametrize("n,n_keys,channels", BENCHMARK_CASES)
+def test_cost_rule_on_the_cpu(monkeypatch, n, n_keys, channels, dtype, capability):
+    # The benchmark's cases (res4/res3, with and without subsampling, batch 2). Embedded Gaussian keeps
+    # the matrix in bfloat16 up to 2^28 elements (everywhere but res3 without subsampling, 0.56e9), in
+    # float32 on AVX-512 up to 2^26 (res4), and otherwise leaves it to the fused kernel. Gaussian (C-channel
+    # logits, C/2-channel values: no fused kernel) always keeps it. Concatenation keeps it up to 2^28.
+    monkeypatch.setattr(pairwise, "_cpu_capability", lambda: capability)
     inner = channels // 2
-    assert not pairwise.materialise_pairwise(*rule_rows(n, n_keys, inner, inner, dtype), fused=True)
-    assert pairwise.materialise_pairwise(*rule_rows(n, n_keys, channels, inner), fused=False)
+    elements = 2 * n * n_keys
+    if dtype == torch.bfloat16:
+        expected = elements <= 1 << 28
+    else:
+        expected = capability == "AVX512" and elements <= 1 << 26
+    assert pairwise.materialise_pairwise(*rule_rows(n, n_keys, inner, inner, dtype), fused=True) == expected
+    assert pairwise.materialise_pairwise(*rule_rows(n, n_keys, channels, inner, dtype), fused=False)
     concatenation = pairwise.materialise_pairwise(*rule_rows(n, n_keys, inner, inner, dtype), False, True)
     assert concatenation == (n_keys != 16800)
+
+
+def large_logits_rows(split):
+    """
+    bfloat16 rows (exact) whose logits are +-256 plus a term of order 1-10 that varies with i and j:
+    every query holds 16 in channel 0, and so does every key (``split``: half the keys, the others -16).
+    bfloat16 spaces numbers near 256 by 2, so rounded there the varying term is lost. Centring the keys
+    removes a shared 16, not the split.
+    """
+    gen = torch.Generator().manual_seed(11)
+    query = torch.randn(1, 48, 16, generator=gen)
+    key = torch.randn(1, 64, 16, generator=gen)
+    query[..., 0], key[..., 0] = 16.0, 16.0
+    if split:
+        key[:, 32:, 0] = -16.0
+    value = torch.randn(1, 64, 8, generator=gen)
+    return [t.bfloat16().requires_grad_(True) for t in (query, key, value)]
+
+
+def bfloat16_attention_error(query, key, value):
+    out = pairwise.softmax_attention(query, key, value, scale=1.0)
+    assert out.dtype == torch.bfloat16
+    exact = torch.softmax(query.double() @ key.double().transpose(1, 2), dim=-1) @ value.double()
+    return torch.linalg.vector_norm(out.double() - exact) / torch.linalg.vector_norm(exact)
+
+
+@pytest.mark.parametrize("bound,fails", [(pairwise.BFLOAT16_LOGIT_BOUND, False), (float("inf"), True)])
+def test_bfloat16_logits_beyond_the_bound_go_through_float32(monkeypatch, bound, fails):
+    # The bfloat16 path rounds the centred logits to bfloat16; rows with one beyond BFLOAT16_LOGIT_BOUND
+    # are computed again from float32 products. Without that (bound = inf) this case loses its attention.
+    monkeypatch.setattr(pairwise, "BFLOAT16_LOGIT_BOUND", bound)
+    error = bfloat16_attention_error(*large_logits_rows(split=True))
+    # Measured: 4.0e-3 with the float32 rows (the output's own bfloat16 rounding), 0.24 without.
+    assert (error > 0.05) == fails, f"relative error {error:.2e}"
+
+
+def test_bfloat16_logits_of_centred_keys(monkeypatch):
+    # Keys that share a large component stay on bfloat16 products: centring them leaves only the varying
+    # term to round. With the float32 rows turned off, it must still match (uncentred: error ~1).
+    monkeypatch.setattr(pairwise, "BFLOAT16_LOGIT_BOUND", float("inf"))
+    error = bfloat16_attention_error(*large_logits_rows(split=False))
+    assert error < 0.05, f"relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("use_scale", [True, False])
