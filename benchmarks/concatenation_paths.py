@@ -5,7 +5,7 @@ nl_detectron.pairwise, each against the naive form that builds and keeps the mat
 add-ReLU-matmul, as benchmarks/nonlocal_block.py's naive block computes it):
 
 * kept: the one N x N' matrix of ReLU'd pairs, its gradient formed and reduced chunk by chunk;
-* recomputed: query chunks of ``concat_chunk_elements``, each recomputed in backward (nothing of size
+* recomputed: query chunks of ``recomputed_chunk_elements``, each recomputed in backward (nothing of size
   N x N' kept).
 
 The cost rule (`materialise_pairwise(..., recomputable=True)`) keeps the matrix up to
@@ -23,7 +23,7 @@ import time
 import torch
 
 from nl_detectron.pairwise import (
-    MATERIALISE_ELEMENTS, _ConcatKeepingPairs, _concat_recomputed, concat_chunk_elements, pairwise_chunk_elements,
+    MATERIALISE_ELEMENTS, _ConcatKeepingPairs, _concat_recomputed, recomputed_chunk_elements, pairwise_chunk_elements,
 )
 
 # name: (queries N, keys N', value channels C'); the positions of 800 x 1333 images at res4 / res3.
@@ -41,7 +41,7 @@ def kept(u, v, value):
 
 
 def recomputed(u, v, value):
-    return _concat_recomputed(u, v, value, max(1, concat_chunk_elements["cpu"] // (BATCH * v.shape[1])))
+    return _concat_recomputed(u, v, value, max(1, recomputed_chunk_elements["cpu"] // (BATCH * v.shape[1])))
 
 
 FORMS = {"kept": kept, "recomputed": recomputed}

@@ -264,8 +264,8 @@ def sdpa_backend(mode, case, device, dtype):
     finally:
         pairwise.materialise_pairwise = rule
     path = {None: "no N x N' matrix", True: "materialised"}.get(keep, "not materialised")
-    if keep and device == "cpu" and dtype == "bfloat16" and mode != "concatenation":
-        path += ", bfloat16 products"
+    if device == "cpu" and dtype == "bfloat16" and mode in SOFTMAX_MODES:
+        path += ", bfloat16 products" if keep else ", bfloat16 chunks recomputed"
     return path if kernels == "none" else f"{path}, SDPA {kernels}"
 
 

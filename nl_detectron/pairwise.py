@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "materialise_pairwise", "softmax_attention", "dot_product_attention", "concatenation_attention",
-    "pairwise_chunk_elements", "concat_chunk_elements",
+    "pairwise_chunk_elements", "recomputed_chunk_elements",
 ]
 
 # Elements of one query chunk of the pairwise matrix, where a path works through chunks: on the CPU 4 MiB
@@ -24,11 +24,11 @@ __all__ = [
 # are live at the block's peak of memory); on CUDA larger, since GPU kernels need large work items (at
 # 16 MiB, concatenation was 2-5x slower on an H100 for the launch overheads).
 pairwise_chunk_elements = {"cpu": 1 << 20, "cuda": 1 << 26}
-# Concatenation's chunks where its matrix is not kept (above MATERIALISE_ELEMENTS) are recomputed in
-# backward: fewer, larger ones cost less time on the CPU (at res4 with x pooled, 16 Mi elements: one
-# chunk, 0.97 of the naive form's time; 1 Mi: 1.20), and a chunk's matrices are alive only while it is
-# recomputed.
-concat_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
+# Query chunks recomputed in backward, where the matrix is not kept (above MATERIALISE_ELEMENTS:
+# concatenation, and bfloat16 softmax on the CPU): fewer, larger ones cost less time on the CPU
+# (concatenation at res4 with x pooled, 16 Mi elements: one chunk, 0.97 of the naive form's time; 1 Mi:
+# 1.20), and a chunk's matrices are alive only while it is recomputed.
+recomputed_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
 # The matrix is kept up to this many elements (1 GiB in float32) where keeping it is a choice: on CUDA
 # res4, and res3 with subsampling, at batch 2 (res3 without: 0.56e9 elements), above which the fused
 # kernels' memory wins; for concatenation on the CPU the same size is where recomputing its chunks
@@ -37,10 +37,12 @@ MATERIALISE_ELEMENTS = 1 << 28
 # float32 softmax on AVX-512 CPUs: the matrix is kept up to this many elements (res4 at batch 2; res3 with
 # subsampling has 1.4e8), see materialise_pairwise.
 CPU_FLOAT32_MATERIALISE_ELEMENTS = 1 << 26
-# bfloat16 logits on the CPU (see _SoftmaxBfloat16): rows whose largest centred, scaled logit exceeds this
-# have theirs computed again from float32 products. A row's centred logits average 0, and bfloat16 keeps 8
-# significant bits: below the bound the logits that carry weight (those near the largest) are off by at
-# most 16 * 2^-8 = 1/16, and logits far below the largest carry next to none. Measured: the benchmark's
+# bfloat16 logits on the CPU (see _bfloat16_softmax_): rows whose largest centred, scaled logit l_max,
+# times the weight not on it (1 - w_max), exceeds this have theirs computed again from float32 products. A
+# row's centred logits average 0, and bfloat16 keeps 8 significant bits: below the bound the logits that
+# carry weight (those near the largest) are off by at most 16 * 2^-8 = 1/16, logits far below the largest
+# carry next to none, and a row that one key dominates shares that key's rounding in numerator and
+# denominator (gaussian without subsampling, whose x_i . x_i is ~32 there). Measured: the benchmark's
 # gaussian res4 (largest centred logits 11) 2.5e-3 relative error of the output against 2.0e-3 with float32
 # products; tests/test_nonlocal_block.py's logits of +-256: 0.24 on bfloat16 logits, 4e-3 on float32 rows.
 BFLOAT16_LOGIT_BOUND = 16.0
@@ -60,10 +62,11 @@ def materialise_pairwise(
     matrix's size matter:
 
     * CPU, softmax modes, bfloat16: keep it (:class:`_SoftmaxBfloat16`, bfloat16 products) up to
-      ``MATERIALISE_ELEMENTS``, above that SDPA's flash kernel where it takes the shapes. Attention alone,
-      forward+backward, against the naive form's under autocast (2-core AVX-512 EPYC): res4 x pooled
-      0.80-0.85 (flash 2.5x), res3 subsampled 0.72 (flash 1.66), res3 0.42 (flash 0.84, which keeps
-      nothing of size N x N').
+      ``MATERIALISE_ELEMENTS``, above that recompute bfloat16 chunks in backward
+      (:class:`_SoftmaxBfloat16Recomputed`; gaussian keeps it at every size, its logits cost C-channel
+      products). Attention alone, forward+backward, against the naive form's under autocast (2-core
+      AVX-512 EPYC): res4 x pooled 0.80-0.85 (SDPA flash 2.5x), res3 subsampled 0.72 (flash 1.66), res3
+      0.42 kept (flash 0.84; the whole block with flash took 1.12 of the naive time there).
     * CPU, softmax modes, float32: on AVX-512 CPUs keep it up to ``CPU_FLOAT32_MATERIALISE_ELEMENTS``
       (res4 at batch 2): the whole block took 0.950-0.962 of the naive form's time there against SDPA
       flash's 0.994-1.038 (11 alternating rounds, 2-core AVX-512 EPYC), and at res3 both took about 0.6,
@@ -190,7 +193,8 @@ def softmax_attention(query, key, value, scale: float, fused: bool = True):
       16-bit on CUDA), whose elementwise passes run over cache-sized query chunks, and which backward
       turns into the logits' gradient in place;
     * fused: nothing of size N x N' (SDPA's fused kernel recomputes the weights in backward); on CUDA for
-      head dims over 256, SDPA's forward and our backward over query chunks, one chunk's matrices at a time.
+      head dims over 256, SDPA's forward and our backward over query chunks, one chunk's matrices at a time;
+      bfloat16 on the CPU, bfloat16 chunks recomputed in backward (:class:`_SoftmaxBfloat16Recomputed`).
 
     Without autograd: SDPA where ``fused``, else query chunks, keeping nothing.
     """
@@ -199,6 +203,9 @@ def softmax_attention(query, key, value, scale: float, fused: bool = True):
             if _bfloat16_products(query):
                 return _SoftmaxBfloat16.apply(query, key, value, scale, _chunk_rows(query, key))
             return _SoftmaxKeepingWeights.apply(query, key, value, scale, _chunk_rows(query, key))
+        if _bfloat16_products(query):
+            chunk = _chunk_rows(query, key, recomputed_chunk_elements)
+            return _SoftmaxBfloat16Recomputed.apply(query, key, value, scale, chunk)
         if _slow_fused_backward(query):
             return _SdpaChunkedBackward.apply(query, key, value, scale, _chunk_rows(query, key))
     if fused:
@@ -275,9 +282,9 @@ class _SoftmaxBfloat16(torch.autograd.Function):
     Softmax is invariant to a shift of a row's logits, so the keys are centred on their mean (and the
     values, for the weights' gradient) before products are rounded to bfloat16: what is rounded is each
     logit's distance from its row's mean, not a large component that every pair shares (as ReLU features
-    do). Rows with a centred logit beyond ``BFLOAT16_LOGIT_BOUND`` have their logits computed again from
-    float32 products. The centring leaves the gradients as they are (each row of the logits' gradient
-    sums to zero).
+    do). Rows whose rounding could still move their weights have their logits computed again from float32
+    products (:func:`_bfloat16_softmax_`). The centring leaves the gradients as they are (each row of the
+    logits' gradient sums to zero).
     """
 
     @staticmethod
@@ -287,12 +294,7 @@ class _SoftmaxBfloat16(torch.autograd.Function):
             weights = torch.bmm(query, key.transpose(1, 2))  # the scaled logits, then their softmax in place
             for batch in range(weights.shape[0]):
                 for rows in _row_chunks(weights.shape[1], chunk):
-                    part = weights[batch, rows]
-                    large = torch.amax(part, dim=-1) > BFLOAT16_LOGIT_BOUND
-                    _softmax_(part)
-                    if large.any():
-                        logits = query[batch, rows][large].float() @ key[batch].float().t()
-                        part[large] = torch.softmax(logits, dim=-1).to(part.dtype)
+                    _bfloat16_softmax_(weights[batch, rows], query[batch, rows], key[batch])
             out = torch.bmm(weights, value.to(weights.dtype))
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, weights)
@@ -316,6 +318,69 @@ class _SoftmaxBfloat16(torch.autograd.Function):
             grad_query = torch.bmm(weights, key)
             grad_key = torch.bmm(query.transpose(1, 2), weights).transpose(1, 2).mul_(ctx.scale)
         return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+class _SoftmaxBfloat16Recomputed(torch.autograd.Function):
+    """
+    :class:`_SoftmaxBfloat16` without the matrix, for matrices beyond ``MATERIALISE_ELEMENTS``: forward
+    and backward go over chunks of ``chunk`` query rows of one batch element, backward recomputing each
+    chunk's weights (one more product than the naive form); nothing of size N x N' is kept, one chunk's
+    matrices are alive at a time. The gradients of the keys and values are summed over chunks in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale, chunk):
+        with torch.autocast("cpu", enabled=False):
+            key, value = _centred(key, scale), value.to(query.dtype)
+            out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
+            for batch in range(query.shape[0]):
+                for rows in _row_chunks(query.shape[1], chunk):
+                    q = query[batch, rows]
+                    weights = _bfloat16_softmax_(q @ key[batch].t(), q, key[batch])
+                    torch.mm(weights, value[batch], out=out[batch, rows])
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(query, key, value)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors  # key: centred and scaled
+        with torch.autocast("cpu", enabled=False):
+            grad_out = grad_out.to(query.dtype)
+            value_t = _centred(value, 1.0).transpose(1, 2)
+            grad_query = torch.empty_like(query)
+            grad_key = torch.zeros(key.shape, dtype=torch.float32)
+            grad_value = torch.zeros(value.shape, dtype=torch.float32)
+            for batch in range(query.shape[0]):
+                for rows in _row_chunks(query.shape[1], ctx.chunk):
+                    q = query[batch, rows]
+                    weights = _bfloat16_softmax_(q @ key[batch].t(), q, key[batch])
+                    grad_value[batch] += weights.t() @ grad_out[batch, rows]
+                    grad_weights = grad_out[batch, rows] @ value_t[batch]
+                    grad_logits = torch.ops.aten._softmax_backward_data.out(
+                        grad_weights, weights, -1, weights.dtype, grad_input=weights
+                    )
+                    torch.mm(grad_logits, key[batch], out=grad_query[batch, rows])
+                    grad_key[batch] += grad_logits.t() @ q
+        return grad_query, grad_key.mul_(ctx.scale).to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+def _bfloat16_softmax_(logits, query, key):
+    """
+    softmax in place of one chunk of bfloat16 scaled logits (n, N'), the products of ``query`` (n, d) and
+    centred, scaled ``key`` (N', d). Rows where rounding could move the weights, those whose largest logit
+    l_max exceeds ``BFLOAT16_LOGIT_BOUND`` after weighting by the weight not on it, (1 - w_max) * l_max,
+    are computed again from float32 products: a row that one key dominates (gaussian's x_i . x_i without
+    subsampling) shares that key's rounding in numerator and denominator.
+    """
+    high = torch.amax(logits, dim=-1).float()
+    _softmax_(logits)
+    large = (1 - torch.amax(logits, dim=-1).float()) * high > BFLOAT16_LOGIT_BOUND
+    if large.any():
+        exact = query[large].float() @ key.float().t()
+        logits[large] = torch.softmax(exact, dim=-1).to(logits.dtype)
+    return logits
 
 
 def _centred(rows, scale):
@@ -427,7 +492,7 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
 
     * materialised: the one (B, N, N') matrix of ReLU'd pairs (the ReLU's mask is read off it), built
       over cache-sized query chunks; backward reduces the pairs' gradient chunk by chunk, never whole;
-    * not materialised: nothing of size N x N'. It goes by query chunks of ``concat_chunk_elements``, each
+    * not materialised: nothing of size N x N'. It goes by query chunks of ``recomputed_chunk_elements``, each
       recomputed in backward (a ReLU of a sum, no matrix product).
 
     Without autograd: query chunks, keeping nothing.
@@ -439,11 +504,11 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
         v = (key @ w_phi.to(key.dtype).t()).squeeze(-1)  # (B, N')
         value = value / v.shape[1]  # the 1/N' normaliser once, not per chunk
         if not _wants_grad(u, v, value):
-            spans = _row_chunks(u.shape[1], _chunk_rows(query, key, concat_chunk_elements))
+            spans = _row_chunks(u.shape[1], _chunk_rows(query, key, recomputed_chunk_elements))
             return torch.cat([_concat_pairs(u[:, rows], v, value) for rows in spans], dim=1).to(dtype)
         if materialise_pairwise(query, key, value, fused=False, recomputable=True):
             return _ConcatKeepingPairs.apply(u, v, value, _chunk_rows(query, key)).to(dtype)
-        return _concat_recomputed(u, v, value, _chunk_rows(query, key, concat_chunk_elements)).to(dtype)
+        return _concat_recomputed(u, v, value, _chunk_rows(query, key, recomputed_chunk_elements)).to(dtype)
 
 
 def _concat_recomputed(u, v, value, chunk):
