@@ -46,11 +46,17 @@ class _MaxPool2x2(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        _, indices = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
-        # Gradient and indices in x's layout: max_pool2d's backward kernel for a channels-last gradient
+        layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        # Gradient and indices in one layout: max_pool2d's backward kernel for a channels-last gradient
         # (what a convolution's backward hands over) of an NCHW map took 5x as long as for an NCHW one.
-        grad = grad.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], True, indices)
+        # 16-bit maps on the CPU go through channels-last, whose kernels are the fast ones there (res4's
+        # bfloat16 phi(x): 10.9 ms against 16.0 in NCHW, copies included; float32: 83 against 40).
+        work = torch.channels_last if x.dtype in (torch.bfloat16, torch.float16) and not x.is_cuda else layout
+        x = x.contiguous(memory_format=work)
+        _, indices = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
+        grad = grad.contiguous(memory_format=work)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], True, indices)
+        return grad_x.contiguous(memory_format=layout)
 
 
 def _channels_last(x):

@@ -515,11 +515,12 @@ def test_materialised_softmax_keeps_one_matrix_and_says_so_on_a_second_backward(
         z.sum().backward()
 
 
-def test_key_max_pool_matches_torch_with_ties_and_odd_sizes():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])  # bfloat16: through channels-last
+def test_key_max_pool_matches_torch_with_ties_and_odd_sizes(dtype):
     # The block's 2x2 max-pool finds its maxima again in backward instead of keeping indices: the same
     # values and gradients as F.max_pool2d(ceil_mode=True), ties (ReLU's zeros) included.
-    x = torch.relu(torch.randn(2, 3, 7, 9, dtype=torch.float64)).requires_grad_(True)
-    grad = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    x = torch.relu(torch.randn(2, 3, 7, 9, dtype=dtype)).requires_grad_(True)
+    grad = torch.randn(2, 3, 4, 5, dtype=dtype)
     expected = torch.autograd.grad(torch.nn.functional.max_pool2d(x, 2, ceil_mode=True), x, grad)[0]
     y = max_pool_2x2(x)
     assert torch.equal(y, torch.nn.functional.max_pool2d(x, 2, ceil_mode=True))
@@ -530,7 +531,10 @@ def test_key_max_pool_matches_torch_with_ties_and_odd_sizes():
     assert torch.equal(torch.autograd.grad(max_pool_2x2(x), x, channels_last)[0], expected)
     x_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     assert torch.equal(max_pool_2x2(x_last), y)
-    assert torch.equal(torch.autograd.grad(max_pool_2x2(x_last), x_last, channels_last)[0], expected)
+    grad_last = torch.autograd.grad(max_pool_2x2(x_last), x_last, channels_last)[0]
+    assert torch.equal(grad_last, expected)
+    assert grad_last.is_contiguous(memory_format=torch.channels_last)  # the gradient keeps x's layout
+    assert torch.autograd.grad(max_pool_2x2(x), x, channels_last)[0].is_contiguous()
 
 
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
