@@ -58,8 +58,8 @@ def materialise_pairwise(
     fused kernels take these shapes at all (False for gaussian on the CPU: its flash kernel needs as many
     value as key channels, and gaussian compares C-channel x against C/2-channel g(x); False for
     concatenation, which is no softmax). ``recomputable``: whether the weights can be recomputed without
-    a matrix product (concatenation's ReLU of a sum). Only the device, the dtype, the head dim d and the
-    matrix's size matter:
+    a matrix product (concatenation's ReLU of a sum). Only the device (and the CPU's vector instructions),
+    the dtype, the head dim d and the matrix's size matter:
 
     * CPU, softmax modes, bfloat16: keep it (:class:`_SoftmaxBfloat16`, bfloat16 products) up to
       ``MATERIALISE_ELEMENTS``, above that recompute bfloat16 chunks in backward
