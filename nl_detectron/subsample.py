@@ -14,10 +14,12 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     ``F.max_pool2d(x, 2, ceil_mode=True)``: odd-sized maps keep their last row/column as keys instead of
     dropping them. (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)), NCHW. Under autograd it keeps only x,
     which the layers around it keep anyway, and finds the maxima again in backward, instead of keeping
-    int64 indices (twice the pooled map's float32 size, at the block's peak of memory). Without autograd
-    it is ``max_pool2d`` itself, one operator for tracing, export and FLOP counters.
+    int64 indices (twice the pooled map's float32 size, at the block's peak of memory). Without autograd,
+    and while traced or compiled, it is ``max_pool2d`` itself: one operator for export and FLOP counters,
+    without the strided quarters' guards on the parity of dynamic sizes.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and x.requires_grad and not tracing:
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2, ceil_mode=True)
 
