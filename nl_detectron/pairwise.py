@@ -290,12 +290,12 @@ class _SoftmaxBfloat16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):
         with torch.autocast("cpu", enabled=False):
-            key = _centred(key, scale)  # rounded to bfloat16 once, with the scale
+            key, value = _centred(key, scale), value.to(query.dtype)  # keys rounded once, with the scale
             weights = torch.bmm(query, key.transpose(1, 2))  # the scaled logits, then their softmax in place
             for batch in range(weights.shape[0]):
                 for rows in _row_chunks(weights.shape[1], chunk):
                     _bfloat16_softmax_(weights[batch, rows], query[batch, rows], key[batch])
-            out = torch.bmm(weights, value.to(weights.dtype))
+            out = torch.bmm(weights, value)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, weights)
         return out
@@ -308,13 +308,9 @@ class _SoftmaxBfloat16(torch.autograd.Function):
             grad_out = grad_out.to(weights.dtype)
             grad_value = torch.bmm(weights.transpose(1, 2), grad_out)
             value_t = _centred(value, 1.0).transpose(1, 2)
-            # d loss / d logits = P * (dL/dP - rowsum(P * dL/dP)), in place of P: softmax's own backward
-            # kernel (float32 arithmetic), per chunk while it is in cache.
             for batch in range(weights.shape[0]):
                 for rows in _row_chunks(weights.shape[1], ctx.chunk):
-                    part = weights[batch, rows]
-                    grad_part = grad_out[batch, rows] @ value_t[batch]
-                    torch.ops.aten._softmax_backward_data.out(grad_part, part, -1, part.dtype, grad_input=part)
+                    _bfloat16_softmax_backward_(weights[batch, rows], grad_out[batch, rows], value_t[batch])
             grad_query = torch.bmm(weights, key)
             grad_key = torch.bmm(query.transpose(1, 2), weights).transpose(1, 2).mul_(ctx.scale)
         return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
@@ -357,10 +353,7 @@ class _SoftmaxBfloat16Recomputed(torch.autograd.Function):
                     q = query[batch, rows]
                     weights = _bfloat16_softmax_(q @ key[batch].t(), q, key[batch])
                     grad_value[batch] += weights.t() @ grad_out[batch, rows]
-                    grad_weights = grad_out[batch, rows] @ value_t[batch]
-                    grad_logits = torch.ops.aten._softmax_backward_data.out(
-                        grad_weights, weights, -1, weights.dtype, grad_input=weights
-                    )
+                    grad_logits = _bfloat16_softmax_backward_(weights, grad_out[batch, rows], value_t[batch])
                     torch.mm(grad_logits, key[batch], out=grad_query[batch, rows])
                     grad_key[batch] += grad_logits.t() @ q
         return grad_query, grad_key.mul_(ctx.scale).to(key.dtype), grad_value.to(value.dtype), None, None
@@ -381,6 +374,17 @@ def _bfloat16_softmax_(logits, query, key):
         exact = query[large].float() @ key.float().t()
         logits[large] = torch.softmax(exact, dim=-1).to(logits.dtype)
     return logits
+
+
+def _bfloat16_softmax_backward_(weights, grad_out, value_t):
+    """
+    The gradient of one chunk's scaled logits, in place of its bfloat16 softmax ``weights`` (n, N'):
+    P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = ``grad_out`` (n, C') @ ``value_t`` (C', N'), the centred
+    values (which shift each row of dL/dP by a constant that the rowsum takes back out); softmax's own
+    backward kernel, float32 arithmetic, while the chunk is in cache.
+    """
+    grad_weights = grad_out @ value_t
+    return torch.ops.aten._softmax_backward_data.out(grad_weights, weights, -1, weights.dtype, grad_input=weights)
 
 
 def _centred(rows, scale):

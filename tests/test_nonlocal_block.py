@@ -528,13 +528,14 @@ def test_key_max_pool_matches_torch_with_ties_and_odd_sizes(dtype):
     # The layouts it is handed in a model: a channels-last gradient (from a convolution's backward), a
     # channels-last map.
     channels_last = grad.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(torch.autograd.grad(max_pool_2x2(x), x, channels_last)[0], expected)
+    grad_nchw = torch.autograd.grad(max_pool_2x2(x), x, channels_last)[0]
+    assert torch.equal(grad_nchw, expected)
+    assert grad_nchw.is_contiguous()  # the gradient keeps x's layout
     x_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     assert torch.equal(max_pool_2x2(x_last), y)
     grad_last = torch.autograd.grad(max_pool_2x2(x_last), x_last, channels_last)[0]
     assert torch.equal(grad_last, expected)
-    assert grad_last.is_contiguous(memory_format=torch.channels_last)  # the gradient keeps x's layout
-    assert torch.autograd.grad(max_pool_2x2(x), x, channels_last)[0].is_contiguous()
+    assert grad_last.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
