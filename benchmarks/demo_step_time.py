@@ -29,6 +29,10 @@ VARIANTS = {
     "fpn96": ["MODEL.FPN.OUT_CHANNELS", "96"],
     "rois32-fpn96": ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.FPN.OUT_CHANNELS", "96"],
     "192px-mask64": _192 + ["MODEL.ROI_MASK_HEAD.CONV_DIM", "64"],
+    # The recipe until 2026-12-01, whose Xeon time issue 12 measured: its ratio carries that time over.
+    "old256": ["INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256",
+               "MODEL.ANCHOR_GENERATOR.SIZES", "[[16],[32],[64],[128],[256]]",
+               "MODEL.ROI_MASK_HEAD.CONV_DIM", "128"],
 }
 STEPS, ROUNDS = int(sys.argv[1]), int(sys.argv[2])
 names = ["config"] + (sys.argv[3:] or ["192px"])
