@@ -23,7 +23,7 @@ import time
 import torch
 
 from nl_detectron.pairwise import (
-    MATERIALISE_ELEMENTS, _ConcatKeepingPairs, _concat_recomputed, recomputed_chunk_elements, pairwise_chunk_elements,
+    MATERIALISE_ELEMENTS, _ConcatKeepingPairs, _concat_by_chunks, recomputed_chunk_elements, pairwise_chunk_elements,
 )
 
 # name: (queries N, keys N', value channels C'); the positions of 800 x 1333 images at res4 / res3.
@@ -41,7 +41,7 @@ def kept(u, v, value):
 
 
 def recomputed(u, v, value):
-    return _concat_recomputed(u, v, value, max(1, recomputed_chunk_elements["cpu"] // (BATCH * v.shape[1])))
+    return _concat_by_chunks(u, v, value, max(1, recomputed_chunk_elements["cpu"] // (BATCH * v.shape[1])))
 
 
 FORMS = {"kept": kept, "recomputed": recomputed}

@@ -8,6 +8,7 @@ two 800 x 1333 images. Prints the ratios ours/naive measured in one run, as a ta
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-nosub --repeats 5
     python benchmarks/nonlocal_block.py --modes embedded_gaussian --cases res4-poolx res3-poolx  # Table 5's pooling
     python benchmarks/nonlocal_block.py --device cuda --dtype bfloat16   # on a GPU, under autocast
+    python benchmarks/nonlocal_block.py --force-path unmaterialised --cases res4-poolx  # A/B of the rule
 
 Memory: each (form, mode, case) runs in a fresh subprocess, so that no measurement inherits another's
 allocator state or peak. It builds the module and its inputs, runs a small forward+backward to load the
@@ -70,6 +71,8 @@ CUDA_MIN_TIMING_S, CUDA_MAX_ROUNDS = 0.5, 200
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IMPLS = ("ours", "naive")
 SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
+# --force-path: what our block runs where the cost rule (nl_detectron.pairwise.materialise_pairwise) decides.
+FORCED_PATHS = {"rule": None, "materialised": True, "unmaterialised": False}
 
 
 class MaterialisedNonLocal(nn.Module):
@@ -113,6 +116,13 @@ class MaterialisedNonLocal(nn.Module):
             pairwise = (u + v).div_(num_keys).relu_()  # in place: ReLU(a) / N' = ReLU(a / N')
         y = (pairwise @ g).transpose(1, 2).reshape(b, -1, h, w)
         return x + block.w_z(y)
+
+
+def force_path(path):
+    """Make the cost rule answer ``path`` in every call of this process (``"rule"``: leave it be)."""
+    keep = FORCED_PATHS[path]
+    if keep is not None:
+        pairwise.materialise_pairwise = lambda *args, **kwargs: keep
 
 
 def build(impl, mode, case, device="cpu"):
@@ -214,22 +224,23 @@ def _subprocess(args, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(mode, case, repeats, min_timing_s, dtype):
+def measure(mode, case, repeats, min_timing_s, dtype, path="rule"):
     # Every allocation >= 128 KiB gets its own mmap and is unmapped when freed: RSS follows live memory.
     malloc_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     result = {}
     for impl in IMPLS:  # one at a time: the naive cases take up to several GB
-        result[impl] = _subprocess(["--memory-worker", impl, mode, case, "--dtype", dtype], env=malloc_env)
+        result[impl] = _subprocess(["--memory-worker", impl, mode, case, "--dtype", dtype, "--force-path", path],
+                                   env=malloc_env)
     times = _subprocess(["--time-worker", mode, case, "--repeats", repeats, "--min-timing-s", min_timing_s,
-                         "--dtype", dtype])
+                         "--dtype", dtype, "--force-path", path])
     for impl in IMPLS:
         result[impl]["times_s"] = times[impl]
     return result
 
 
 def materialised(mode, case, device, dtype):
-    """What nl_detectron.pairwise's cost rule decides for a forward+backward of ``case``: whether the
-    N x N' matrix is kept (None for dot_product, which never forms it)."""
+    """What nl_detectron.pairwise's cost rule (or --force-path) decides for a forward+backward of ``case``:
+    whether the N x N' matrix is kept (None for dot_product, which never forms it)."""
     if mode == "dot_product":
         return None
     channels, height, width, sub_sample, _ = CASES[case]
@@ -306,6 +317,11 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="float16/bfloat16: both forms run under torch.autocast (default float32)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--force-path", choices=list(FORCED_PATHS), default="rule",
+        help="where the N x N' matrix can be kept or not (softmax modes, concatenation): as the cost rule "
+             "chooses (default), or always kept / never kept, to measure the rule's alternatives",
+    )
     parser.add_argument("--memory-worker", nargs=3, metavar=("IMPL", "MODE", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--time-worker", nargs=2, metavar=("MODE", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--min-timing-s", type=float, default=None, help=argparse.SUPPRESS)
@@ -318,6 +334,7 @@ def main():
     if args.dtype == "float16" and args.device == "cpu":
         parser.error("--dtype float16 is for --device cuda (mixed precision on the CPU is bfloat16); "
                      "valid choices on the CPU: float32, bfloat16")
+    force_path(args.force_path)
     if args.memory_worker:
         return memory_worker(*args.memory_worker, args.dtype)
     if args.time_worker:
@@ -329,6 +346,8 @@ def main():
              f"{info['cpu']}, {info['cpu_count']} CPUs, {info['torch_threads']} threads")
     print(f"machine: {where}, torch {info['torch']}, load average {os.getloadavg()[0]:.1f}")
     memory = "allocated CUDA memory" if args.device == "cuda" else "peak RSS (fresh process each)"
+    if args.force_path != "rule":
+        print(f"--force-path {args.force_path}: the cost rule's choice is overridden")
     print(f"batch {BATCH}, forward+backward in {args.dtype}"
           f"{' (autocast)' if args.dtype != 'float32' else ''}; time: median of >= {repeats} alternating "
           f"rounds after a warm-up, time o/n: median of the rounds' ratios; memory: {memory} the "
@@ -346,7 +365,8 @@ def main():
             if args.device == "cuda":
                 result.update(cuda_measure(mode, case, repeats, args.dtype))
             else:
-                result.update(measure(mode, case, repeats, 0.0 if args.quick else MIN_TIMING_S, args.dtype))
+                min_timing_s = 0.0 if args.quick else MIN_TIMING_S
+                result.update(measure(mode, case, repeats, min_timing_s, args.dtype, args.force_path))
             ours, naive = result["ours"], result["naive"]
             for form in (ours, naive):
                 form.update(time_s=statistics.median(form["times_s"]), min_time_s=min(form["times_s"]))
@@ -371,7 +391,8 @@ def main():
 
 def write_json(path, info, args, repeats, cases, rows, complete):
     with open(path, "w") as f:
-        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "batch": BATCH,
+        json.dump({"machine": info, "device": args.device, "dtype": args.dtype, "force_path": args.force_path,
+                   "batch": BATCH,
                    "repeats": repeats, "quick": args.quick, "complete": complete, "cases": {
             k: dict(zip(("channels", "height", "width", "sub_sample", "sub_sample_input"), v))
             for k, v in CASES.items() if k in cases

@@ -507,18 +507,17 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
         u = (query @ w_theta.to(query.dtype).t()).squeeze(-1)  # (B, N)
         v = (key @ w_phi.to(key.dtype).t()).squeeze(-1)  # (B, N')
         value = value / v.shape[1]  # the 1/N' normaliser once, not per chunk
-        if not _wants_grad(u, v, value):
-            spans = _row_chunks(u.shape[1], _chunk_rows(query, key, recomputed_chunk_elements))
-            return torch.cat([_concat_pairs(u[:, rows], v, value) for rows in spans], dim=1).to(dtype)
-        if materialise_pairwise(query, key, value, fused=False, recomputable=True):
+        training = _wants_grad(u, v, value)
+        if training and materialise_pairwise(query, key, value, fused=False, recomputable=True):
             return _ConcatKeepingPairs.apply(u, v, value, _chunk_rows(query, key)).to(dtype)
-        return _concat_recomputed(u, v, value, _chunk_rows(query, key, recomputed_chunk_elements)).to(dtype)
+        chunk = _chunk_rows(query, key, recomputed_chunk_elements)
+        return _concat_by_chunks(u, v, value, chunk, recompute=training).to(dtype)
 
 
-def _concat_recomputed(u, v, value, chunk):
-    """ReLU(u_i + v_j) @ value by chunks of ``chunk`` query rows, each recomputed in backward."""
-    spans = _row_chunks(u.shape[1], chunk)
-    return torch.cat([checkpoint(_concat_pairs, u[:, rows], v, value, use_reentrant=False) for rows in spans], dim=1)
+def _concat_by_chunks(u, v, value, chunk, recompute=True):
+    """ReLU(u_i + v_j) @ value by chunks of ``chunk`` query rows; ``recompute``: each in backward."""
+    pairs = functools.partial(checkpoint, _concat_pairs, use_reentrant=False) if recompute else _concat_pairs
+    return torch.cat([pairs(u[:, rows], v, value) for rows in _row_chunks(u.shape[1], chunk)], dim=1)
 
 
 class _ConcatKeepingPairs(torch.autograd.Function):

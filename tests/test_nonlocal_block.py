@@ -377,8 +377,8 @@ def max_embedded_dot_product(block, x):
     return torch.einsum("bnd,bmd->bnm", theta, phi).abs().max().item()
 
 
-# Relative error bounds of the residual under autocast. bfloat16 keeps 8 significant bits (rounding 2^-9 ~
-# 2e-3): autocast rounds x, the weights and each conv/attention output, a chain of a few roundings
+# Relative error bounds of the residual under autocast. bfloat16 keeps 8 significant bits (unit roundoff 2^-8
+# ~ 4e-3): autocast rounds x, the weights and each conv/attention output, a chain of a few roundings
 # (measured: 3e-3 to 4.5e-3 of the residual's norm); float16 keeps 11 (measured: ~4e-4). The bounds leave
 # 4-7x margin and still fail on any overflow or wrong result (errors of order 1).
 AUTOCAST_BOUNDS = {torch.bfloat16: 2e-2, torch.float16: 3e-3}
