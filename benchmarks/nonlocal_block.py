@@ -339,6 +339,11 @@ def main():
         return memory_worker(*args.memory_worker, args.dtype)
     if args.time_worker:
         return time_worker(*args.time_worker, repeats, args.min_timing_s, args.dtype)
+    if args.force_path == "unmaterialised" and args.device == "cpu" and "gaussian" in args.modes:
+        # No fused kernel takes gaussian on the CPU: not materialising would be autograd over query chunks,
+        # which keeps every chunk's weights, the whole matrix in pieces.
+        parser.error("--force-path unmaterialised: gaussian on the CPU has no path that keeps no N x N' matrix; "
+                     "pass --modes without gaussian (valid: embedded_gaussian dot_product concatenation)")
     cases = args.cases or list(QUICK_CASES if args.quick else CASES)
 
     info = machine(args.device)

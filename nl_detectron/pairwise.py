@@ -516,8 +516,8 @@ def concatenation_attention(query, key, value, w_theta, w_phi):
 
 def _concat_by_chunks(u, v, value, chunk, recompute=True):
     """ReLU(u_i + v_j) @ value by chunks of ``chunk`` query rows; ``recompute``: each in backward."""
-    pairs = functools.partial(checkpoint, _concat_pairs, use_reentrant=False) if recompute else _concat_pairs
-    return torch.cat([pairs(u[:, rows], v, value) for rows in _row_chunks(u.shape[1], chunk)], dim=1)
+    run = functools.partial(checkpoint, _concat_pairs, use_reentrant=False) if recompute else _concat_pairs
+    return torch.cat([run(u[:, rows], v, value) for rows in _row_chunks(u.shape[1], chunk)], dim=1)
 
 
 class _ConcatKeepingPairs(torch.autograd.Function):
