@@ -9,7 +9,7 @@ from torch import nn
 
 from detectron2.layers import Conv2d, get_norm
 
-from .layout import rows, rows_to_map
+from .layout import for_bfloat16_convolutions, in_layout_of, rows, rows_to_map
 from .pairwise import concatenation_attention, dot_product_attention, softmax_attention
 from .subsample import max_pool_2x2
 
@@ -149,9 +149,9 @@ class NonLocalBlock2d(nn.Module):
         y = self._aggregate(query, key, value)  # (B, H*W, inner)
         # y's rows seen as a channels-last map (a view): oneDNN's 1x1 convolution takes that layout as it
         # is, where an NCHW input costs it reorder buffers of the input's and output's size.
-        out = self.w_z(rows_to_map(y.contiguous(), (h, w)))
-        # x first: the sum takes x's memory layout (the block's output and x's gradient keep it).
-        return x + out
+        # The sum in x's memory layout (the block's output and x's gradient keep it); W_z's output is not
+        # held here, so that its copy in that layout replaces it rather than adding to the peak memory.
+        return x + in_layout_of(self.w_z(rows_to_map(y.contiguous(), (h, w))), x)
 
     @torch.no_grad()
     def pairwise_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -204,12 +204,16 @@ class NonLocalBlock2d(nn.Module):
         (views of the convolutions' maps). ``gaussian`` compares x itself: its query and key are x.
         """
         pool = max_pool_2x2  # ceil mode: odd-sized maps keep their last row/column as keys
-        keys_from = pool(x) if self.sub_sample_input else x  # the authors' order: pool x, then phi and g
+        x_conv = for_bfloat16_convolutions(x)  # what theta, phi and g convolve: x in its fastest layout
+        if self.sub_sample_input:  # the authors' order: pool x, then phi and g
+            keys_from = keys_conv = pool(x)
+        else:
+            keys_from, keys_conv = x, x_conv
         if self.mode == "gaussian":
             query, key = x, keys_from
         else:
-            query, key = self.theta(x), self.phi(keys_from)
-        value = self.g(keys_from)
+            query, key = self.theta(x_conv), self.phi(keys_conv)
+        value = self.g(keys_conv)
         if self.sub_sample and not self.sub_sample_input:  # the paper's order: phi and g, then pool
             key, value = pool(key), pool(value)
         return rows(query), rows(key), rows(value)

@@ -486,20 +486,51 @@ def test_embedded_gaussian_runs_the_fused_cpu_kernel(monkeypatch, sub_sample, dt
     assert x.grad is not None and len(calls) == (1 if dtype == torch.bfloat16 else 2)
 
 
+@pytest.mark.parametrize("autocast", [False, True])  # bfloat16 autocast: x goes channels-last inside
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
-def test_keeps_the_input_layout(mode, subsampling, memory_format):
+def test_keeps_the_input_layout(mode, subsampling, memory_format, autocast):
     # The block works on rows inside; what it returns, and the gradient it hands back, are in x's own layout, so the layers around it keep their kernels (and the block is exactly
     # the identity at initialisation, whatever the layout).
     sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
     block = NonLocalBlock2d(32, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input)
     x = torch.randn(2, 32, 7, 6).contiguous(memory_format=memory_format).requires_grad_(True)
-    z = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z = block(x)
+    assert z.dtype == torch.float32
     assert torch.equal(z, x)
     assert z.is_contiguous(memory_format=memory_format)
     z.backward(torch.randn_like(z))
     assert x.grad.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("sub_sample_input", [False, True])
+def test_theta_gets_its_gradient_in_its_own_layout(monkeypatch, sub_sample_input, autocast):
+    # The materialised softmax hands theta's map its gradient in that map's layout (NCHW for an NCHW x;
+    # channels-last under bfloat16 autocast, where theta runs on a channels-last copy of x), since a 1x1
+    # convolution's backward on the other layout first copies it. Values are checked elsewhere.
+    force_path(monkeypatch, "materialised")
+    block = NonLocalBlock2d(32, sub_sample_input=sub_sample_input)
+    randomize_(block, torch.Generator().manual_seed(0))
+    layouts = []
+
+    def record(module, inputs, output):
+        output.register_hook(lambda grad: layouts.append((
+            grad.is_contiguous(), output.is_contiguous(),
+            grad.is_contiguous(memory_format=torch.channels_last),
+            output.is_contiguous(memory_format=torch.channels_last),
+        )))
+
+    block.theta.register_forward_hook(record)
+    x = torch.randn(2, 32, 7, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z = block(x)
+    z.backward(torch.randn_like(z))
+    (grad_nchw, out_nchw, grad_last, out_last), = layouts
+    assert out_nchw != autocast and out_last == autocast
+    assert (grad_nchw, grad_last) == (out_nchw, out_last)
 
 
 @pytest.mark.parametrize("mode", SOFTMAX_MODES)
