@@ -204,16 +204,15 @@ class NonLocalBlock2d(nn.Module):
         (views of the convolutions' maps). ``gaussian`` compares x itself: its query and key are x.
         """
         pool = max_pool_2x2  # ceil mode: odd-sized maps keep their last row/column as keys
-        x_conv = for_bfloat16_convolutions(x)  # what theta, phi and g convolve: x in its fastest layout
-        if self.sub_sample_input:  # the authors' order: pool x, then phi and g
-            keys_from = keys_conv = pool(x)
-        else:
-            keys_from, keys_conv = x, x_conv
+        keys_from = pool(x) if self.sub_sample_input else x  # the authors' order: pool x, then phi and g
+        # What theta, phi and g convolve: their input in the layout they run fastest on (see layout.py).
+        to_conv = for_bfloat16_convolutions
         if self.mode == "gaussian":
-            query, key = x, keys_from
+            query, key, value = x, keys_from, self.g(to_conv(keys_from))
         else:
-            query, key = self.theta(x_conv), self.phi(keys_conv)
-        value = self.g(keys_conv)
+            x_conv = to_conv(x)
+            keys_conv = x_conv if keys_from is x else to_conv(keys_from)
+            query, key, value = self.theta(x_conv), self.phi(keys_conv), self.g(keys_conv)
         if self.sub_sample and not self.sub_sample_input:  # the paper's order: phi and g, then pool
             key, value = pool(key), pool(value)
         return rows(query), rows(key), rows(value)
