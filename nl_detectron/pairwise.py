@@ -144,7 +144,8 @@ def _bmm_like(a, b, like, dtype=None):
     """
     a @ b (B, n, p) in the layout of the rows ``like`` (B, n, p): for rows that view an NCHW map (unit
     stride along the positions) computed as (b^T a^T)^T, so that the gradient of a convolution's map comes
-    out in the map's own layout (theta's backward at res4 took 20 ms longer on channels-last gradients).
+    out in the map's own layout (theta's backward at res4, batch 2, took 17-18 ms longer on a channels-last
+    gradient, in float32 and in bfloat16).
     ``dtype``: as :func:`_bmm`'s, else the product in a's dtype.
     """
     product = torch.bmm if dtype is None else functools.partial(_bmm, dtype=dtype)
