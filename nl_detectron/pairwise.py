@@ -464,7 +464,7 @@ class _DotProduct(torch.autograd.Function):
     """
     ``q (k^T v / N')`` with gradients in the layout of the maps the rows are views of: autograd's matmul
     backward returns row-contiguous gradients for q and v, which theta's and g's convolutions must copy
-    back to NCHW (3% of the block's time at res3 on the CPU). The output stays row-contiguous, which is
+    back to an NCHW map's layout (3% of the block's time at res3 on the CPU). The output stays row-contiguous, which is
     what W_z's 1x1 convolution takes fastest.
     """
 
@@ -478,11 +478,12 @@ class _DotProduct(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, keys_values = ctx.saved_tensors
-        # Each gradient as its transpose (B, channels, positions), the product's natural output there.
-        grad_query = torch.bmm(keys_values, grad_out.transpose(1, 2)).transpose(1, 2)
+        # Each gradient in the layout of the rows it is for: NCHW maps' (B, channels, positions), or the
+        # channels-last maps' rows that the convolutions run on under bfloat16 autocast (layout.py).
+        grad_query = _bmm_like(grad_out, keys_values.transpose(1, 2), query)
         grad_keys_values = torch.bmm(query.transpose(1, 2), grad_out).div_(key.shape[1])
-        grad_key = torch.bmm(grad_keys_values, value.transpose(1, 2)).transpose(1, 2)
-        grad_value = torch.bmm(grad_keys_values.transpose(1, 2), key.transpose(1, 2)).transpose(1, 2)
+        grad_key = _bmm_like(value, grad_keys_values.transpose(1, 2), key)
+        grad_value = _bmm_like(key, grad_keys_values, value)
         return grad_query, grad_key, grad_value
 
 

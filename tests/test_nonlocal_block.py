@@ -507,12 +507,13 @@ def test_keeps_the_input_layout(mode, subsampling, memory_format, autocast):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("sub_sample_input", [False, True])
-def test_theta_gets_its_gradient_in_its_own_layout(monkeypatch, sub_sample_input, autocast):
-    # The materialised softmax hands theta's map its gradient in that map's layout (NCHW for an NCHW x;
-    # channels-last under bfloat16 autocast, where theta runs on a channels-last copy of x), since a 1x1
-    # convolution's backward on the other layout first copies it. Values are checked elsewhere.
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product"])
+def test_theta_gets_its_gradient_in_its_own_layout(monkeypatch, mode, sub_sample_input, autocast):
+    # The materialised softmax and the dot product hand theta's map its gradient in that map's layout (NCHW
+    # for an NCHW x; channels-last under bfloat16 autocast, where theta runs on a channels-last copy of x),
+    # since a 1x1 convolution's backward on the other layout first copies it. Values are checked elsewhere.
     force_path(monkeypatch, "materialised")
-    block = NonLocalBlock2d(32, sub_sample_input=sub_sample_input)
+    block = NonLocalBlock2d(32, mode=mode, sub_sample_input=sub_sample_input)
     randomize_(block, torch.Generator().manual_seed(0))
     layouts = []
 
