@@ -26,11 +26,9 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     (res4 at batch 2, bfloat16: x + t took 54 ms, the 2-D transposes and an NCHW sum 25 ms). Otherwise
     ``t`` itself.
     """
-    if t.is_cuda or _tracing() or not like.is_contiguous() or not _channels_last_only(t):
+    if t.is_cuda or _tracing() or not like.is_contiguous() or not is_channels_last(t):
         return t
-    if torch.is_grad_enabled() and t.requires_grad:
-        return _ChannelsLastToNchw.apply(t)
-    return _transpose_images(t, to_channels_last=False)
+    return _ChannelsLastToNchw.apply(t)
 
 
 def residual_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -58,9 +56,7 @@ def for_bfloat16_convolutions(x: torch.Tensor) -> torch.Tensor:
     bfloat16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if x.is_cuda or _tracing() or not bfloat16_autocast or x.dtype != torch.float32 or not x.is_contiguous():
         return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _NchwToChannelsLastBfloat16.apply(x)
-    return _transpose_images(x.to(torch.bfloat16), to_channels_last=True)
+    return _NchwToChannelsLastBfloat16.apply(x)
 
 
 class _NchwToChannelsLastBfloat16(torch.autograd.Function):
@@ -70,7 +66,7 @@ class _NchwToChannelsLastBfloat16(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if not _channels_last_only(grad):
+        if not is_channels_last(grad):
             grad = grad.contiguous(memory_format=torch.channels_last)
         return _transpose_images(grad, to_channels_last=False)  # autograd casts it to x's dtype
 
@@ -80,7 +76,8 @@ def _tracing():
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _channels_last_only(t):
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is laid out channels-last and not also NCHW-contiguous."""
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -464,8 +464,8 @@ class _DotProduct(torch.autograd.Function):
     """
     ``q (k^T v / N')`` with gradients in the layout of the maps the rows are views of: autograd's matmul
     backward returns row-contiguous gradients for q and v, which theta's and g's convolutions must copy
-    back to an NCHW map's layout (3% of the block's time at res3 on the CPU). The output stays row-contiguous, which is
-    what W_z's 1x1 convolution takes fastest.
+    back to an NCHW map's layout (3% of the block's time at res3 on the CPU). The output stays
+    row-contiguous, which is what W_z's 1x1 convolution takes fastest.
     """
 
     @staticmethod

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .layout import is_channels_last
+
 __all__ = ["max_pool_2x2"]
 
 # The four positions of a 2x2 cell, in the order max_pool2d scans them (its first maximum wins).
@@ -48,7 +50,7 @@ class _MaxPool2x2(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         # Gradient and indices in one layout: max_pool2d's backward kernel for a channels-last gradient
         # (what a convolution's backward hands over) of an NCHW map took 5x as long as for an NCHW one.
         # 16-bit maps on the CPU go through channels-last, whose kernels are the fast ones there (res4's
@@ -59,7 +61,3 @@ class _MaxPool2x2(torch.autograd.Function):
         grad = grad.contiguous(memory_format=work)
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], True, indices)
         return grad_x.contiguous(memory_format=layout)
-
-
-def _channels_last(x):
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
