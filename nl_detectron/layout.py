@@ -1,7 +1,7 @@
 """Layout helpers of the non-local block: maps (B, C, H, W) as rows (B, H*W, C), and NCHW <-> channels-last."""
 import torch
 
-__all__ = ["rows", "rows_to_map", "in_layout_of", "residual_sum", "for_bfloat16_convolutions"]
+__all__ = ["rows", "rows_to_map", "in_layout_of", "residual_sum", "for_convolutions"]
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -45,30 +45,48 @@ def residual_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.to(wider).add_(x)
 
 
-def for_bfloat16_convolutions(x: torch.Tensor) -> torch.Tensor:
+# float32 maps of at least this many elements per image are convolved channels-last (see for_convolutions).
+FLOAT32_CHANNELS_LAST_MIN_ELEMENTS = 2**23
+
+
+def for_convolutions(x: torch.Tensor, readers: int) -> torch.Tensor:
     """
-    ``x`` as 1x1 convolutions take it fastest: under the CPU's bfloat16 autocast an NCHW ``x`` cast to
-    bfloat16 and made channels-last by per-image 2-D transposes (its gradient goes back to NCHW and x's
-    dtype the same way), since oneDNN's bfloat16 convolution of an NCHW map reorders its input, output
-    and gradients (theta at res4, batch 2, forward+backward: 108 ms on the NCHW map, 77 ms on this one).
-    Otherwise (and while traced or compiled) ``x`` itself.
+    ``x`` as the CPU's 1x1 convolutions take it fastest, for ``readers`` convolutions of it: an NCHW ``x``
+    made channels-last by per-image 2-D transposes (its gradient goes back to NCHW and x's dtype the same
+    way), since oneDNN's convolution of an NCHW map reorders its input, output and gradients:
+
+    * under bfloat16 autocast, cast to bfloat16 as well: theta at res4 (batch 2, forward+backward) took
+      108 ms on the NCHW map, 77 ms on this one;
+    * in float32, where the copy serves three convolutions (theta, phi and g) and x has at least
+      :data:`FLOAT32_CHANNELS_LAST_MIN_ELEMENTS` elements per image. The block's forward+backward, dot
+      product, batch 2, with the copy against without: 0.81 at 512 x 100 x 168 (res3, 8.6M elements per
+      image) and 0.90 at 1024 x 70 x 120 (8.6M); 0.98 at 512 x 70 x 120 and 0.99 at 1024 x 50 x 84 (res4,
+      4.3M); 1.02 at 512 x 50 x 84. A copy for theta alone (res3, x pooled for the keys) read 1.01, and
+      for g alone (gaussian, res3) 1.02-1.04.
+
+    Otherwise (and on CUDA, and while traced or compiled) ``x`` itself.
     """
-    bfloat16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if x.is_cuda or _tracing() or not bfloat16_autocast or x.dtype != torch.float32 or not x.is_contiguous():
+    if x.is_cuda or _tracing() or x.dtype != torch.float32 or not x.is_contiguous():
         return x
-    return _NchwToChannelsLastBfloat16.apply(x)
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return x
+        return _NchwToChannelsLast.apply(x, torch.bfloat16)
+    if readers < 3 or x[0].numel() < FLOAT32_CHANNELS_LAST_MIN_ELEMENTS:
+        return x
+    return _NchwToChannelsLast.apply(x, torch.float32)
 
 
-class _NchwToChannelsLastBfloat16(torch.autograd.Function):
+class _NchwToChannelsLast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return _transpose_images(x.to(torch.bfloat16), to_channels_last=True)
+    def forward(ctx, x, dtype):
+        return _transpose_images(x.to(dtype), to_channels_last=True)
 
     @staticmethod
     def backward(ctx, grad):
         if not is_channels_last(grad):
             grad = grad.contiguous(memory_format=torch.channels_last)
-        return _transpose_images(grad, to_channels_last=False)  # autograd casts it to x's dtype
+        return _transpose_images(grad, to_channels_last=False), None  # autograd casts it to x's dtype
 
 
 def _tracing():

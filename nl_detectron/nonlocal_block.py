@@ -9,7 +9,7 @@ from torch import nn
 
 from detectron2.layers import Conv2d, get_norm
 
-from .layout import for_bfloat16_convolutions, residual_sum, rows, rows_to_map
+from .layout import for_convolutions, residual_sum, rows, rows_to_map
 from .pairwise import concatenation_attention, dot_product_attention, softmax_attention
 from .subsample import max_pool_2x2
 
@@ -206,12 +206,13 @@ class NonLocalBlock2d(nn.Module):
         pool = max_pool_2x2  # ceil mode: odd-sized maps keep their last row/column as keys
         keys_from = pool(x) if self.sub_sample_input else x  # the authors' order: pool x, then phi and g
         # What theta, phi and g convolve: their input in the layout they run fastest on (see layout.py).
-        to_conv = for_bfloat16_convolutions
         if self.mode == "gaussian":
-            query, key, value = x, keys_from, self.g(to_conv(keys_from))
+            query, key, value = x, keys_from, self.g(for_convolutions(keys_from, readers=1))
         else:
-            x_conv = to_conv(x)
-            keys_conv = x_conv if keys_from is x else to_conv(keys_from)
+            if keys_from is x:
+                x_conv = keys_conv = for_convolutions(x, readers=3)
+            else:
+                x_conv, keys_conv = for_convolutions(x, readers=1), for_convolutions(keys_from, readers=2)
             query, key, value = self.theta(x_conv), self.phi(keys_conv), self.g(keys_conv)
         if self.sub_sample and not self.sub_sample_input:  # the paper's order: phi and g, then pool
             key, value = pool(key), pool(value)

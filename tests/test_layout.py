@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from nl_detectron.layout import for_bfloat16_convolutions, in_layout_of, residual_sum
+from nl_detectron import layout
+from nl_detectron.layout import for_convolutions, in_layout_of, residual_sum
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -21,11 +22,11 @@ def test_in_layout_of_turns_channels_last_into_nchw_and_back(dtype):
     assert in_layout_of(nchw, like) is nchw
 
 
-def test_for_bfloat16_convolutions_casts_and_makes_channels_last_under_autocast_only():
+def test_for_convolutions_casts_and_makes_channels_last_under_bfloat16_autocast():
     x = torch.randn(2, 6, 5, 3, requires_grad=True)
-    assert for_bfloat16_convolutions(x) is x
+    assert for_convolutions(x, readers=1) is x
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = for_bfloat16_convolutions(x)
+        out = for_convolutions(x, readers=1)
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, x.detach().bfloat16())
@@ -36,7 +37,25 @@ def test_for_bfloat16_convolutions_casts_and_makes_channels_last_under_autocast_
         assert torch.equal(grad_x, grad.float())
     x_last = x.detach().contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert for_bfloat16_convolutions(x_last) is x_last  # already channels-last: autocast casts it
+        assert for_convolutions(x_last, readers=1) is x_last  # already channels-last: autocast casts it
+
+
+def test_for_convolutions_in_float32_copies_only_a_large_map_for_three_readers():
+    # 2^23 elements per image (512 x 128 x 128) at the threshold, one column fewer below it.
+    assert layout.FLOAT32_CHANNELS_LAST_MIN_ELEMENTS == 512 * 128 * 128
+    x = torch.randn(2, 512, 128, 128, requires_grad=True)
+    out = for_convolutions(x, readers=3)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, x)
+    grad = torch.randn(out.shape)
+    (grad_x,) = torch.autograd.grad(out, x, grad)
+    assert grad_x.is_contiguous() and torch.equal(grad_x, grad)
+    assert for_convolutions(x, readers=2) is x
+    smaller = x.detach()[:, :, :, :127].contiguous()
+    assert for_convolutions(smaller, readers=3) is smaller
+    with torch.autocast("cpu", dtype=torch.float16):  # 16-bit autocast but bfloat16: x itself
+        assert for_convolutions(x, readers=3) is x
 
 
 def test_without_autograd_the_same_copies():
@@ -45,7 +64,7 @@ def test_without_autograd_the_same_copies():
     assert out.is_contiguous() and torch.equal(out, t)
     x = torch.randn(2, 6, 5, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = for_bfloat16_convolutions(x)
+        out = for_convolutions(x, readers=1)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, x.bfloat16())
 

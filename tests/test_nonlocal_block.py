@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nl_detectron.pairwise as pairwise
+from nl_detectron import layout
 from nl_detectron.subsample import max_pool_2x2
 from nl_detectron.nonlocal_block import (
     NONLOCAL_MODES,
@@ -344,6 +345,41 @@ def test_float32_res4_sizes(mode, subsampling):
     # catches any wrong key, scale or pooling (errors of order 1).
     assert residual.dtype == torch.float32
     assert_close_rel(residual.double(), reference, 1e-5)
+
+
+@pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
+@pytest.mark.parametrize("mode", NONLOCAL_MODES)
+def test_float32_channels_last_copy_for_large_maps(monkeypatch, mode, subsampling):
+    # On large maps theta, phi and g convolve a channels-last float32 copy of x where they all read x
+    # (layout.for_convolutions); forced here on a small map. Output and every gradient stay float32-close
+    # to the float64 reference, and the output and x's gradient keep x's layout.
+    monkeypatch.setattr(layout, "FLOAT32_CHANNELS_LAST_MIN_ELEMENTS", 1)
+    sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
+    gen = torch.Generator().manual_seed(4)
+    block = randomize_(NonLocalBlock2d(32, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input), gen)
+    inputs = {}
+    for name in ("theta", "phi", "g"):
+        if getattr(block, name) is not None:
+            getattr(block, name).register_forward_pre_hook(lambda m, args, name=name: inputs.update({name: args[0]}))
+    weights = block_weights(block, torch.float64)
+    x = torch.randn(2, 32, 7, 6, generator=gen)
+    grad_out = torch.randn(x.shape, generator=gen)
+    z, x_grad = forward_backward(block, x, grad_out)
+    z_ref, x_grad_ref = forward_backward(
+        lambda t: reference_nonlocal(
+            t, weights, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input, use_scale=True
+        ),
+        x.double(), grad_out.double(),
+    )
+    copied = mode != "gaussian" and not sub_sample_input
+    assert {name: layout.is_channels_last(t) for name, t in inputs.items()} == {name: copied for name in inputs}
+    assert z.is_contiguous() and x_grad.is_contiguous()
+    assert_close_rel(z.double(), z_ref, 1e-5)
+    assert_close_rel(x_grad.double(), x_grad_ref, 1e-5)
+    params = dict(block.named_parameters())
+    scale = max(w.grad.abs().max().item() for w in weights.values() if w is not None)
+    for name, p in params.items():
+        assert_close_rel(p.grad.double(), weights[name].grad, 1e-5, scale=scale)
 
 
 def large_magnitude_case(mode, dtype=torch.float32):
