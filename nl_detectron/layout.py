@@ -22,7 +22,7 @@ def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """
     (B, C, H, W) ``t`` in the memory layout of ``like``, for an elementwise op between the two: on the CPU a
     channels-last ``t`` beside an NCHW ``like`` becomes NCHW by per-image 2-D transposes (and its gradient
-    goes back the same way), since ATen's elementwise kernels and 4-D copies read a mixed layout slowly
+    channels-last, see :func:`_to_nchw`), since ATen's elementwise kernels and 4-D copies read a mixed layout slowly
     (res4 at batch 2, bfloat16: x + t took 54 ms, the 2-D transposes and an NCHW sum 25 ms). Otherwise
     ``t`` itself.
     """
@@ -45,24 +45,19 @@ def residual_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.to(wider).add_(x)
 
 
-# float32 maps of at least this many elements per image are convolved channels-last (see for_convolutions).
-FLOAT32_CHANNELS_LAST_MIN_ELEMENTS = 2**23
-
-
 def for_convolutions(x: torch.Tensor, readers: int) -> torch.Tensor:
     """
     ``x`` as the CPU's 1x1 convolutions take it fastest, for ``readers`` convolutions of it: an NCHW ``x``
-    made channels-last by per-image 2-D transposes (its gradient goes back to NCHW and x's dtype the same
-    way), since oneDNN's convolution of an NCHW map reorders its input, output and gradients:
+    copied channels-last (its gradient goes back to NCHW and x's dtype, see :func:`_to_nchw`), since
+    oneDNN's convolution of an NCHW map reorders its input, output and gradients:
 
     * under bfloat16 autocast, cast to bfloat16 as well: theta at res4 (batch 2, forward+backward) took
       108 ms on the NCHW map, 77 ms on this one;
-    * in float32, where the copy serves three convolutions (theta, phi and g) and x has at least
-      :data:`FLOAT32_CHANNELS_LAST_MIN_ELEMENTS` elements per image. The block's forward+backward, dot
-      product, batch 2, with the copy against without: 0.81 at 512 x 100 x 168 (res3, 8.6M elements per
-      image) and 0.90 at 1024 x 70 x 120 (8.6M); 0.98 at 512 x 70 x 120 and 0.99 at 1024 x 50 x 84 (res4,
-      4.3M); 1.02 at 512 x 50 x 84. A copy for theta alone (res3, x pooled for the keys) read 1.01, and
-      for g alone (gaussian, res3) 1.02-1.04.
+    * in float32, where the copy serves three convolutions (theta, phi and g). The block's forward+backward,
+      batch 2, with the copy against without: dot product 0.87 at 512 x 50 x 84, 0.97 and 0.95 at res4
+      (1024 x 50 x 84, keys subsampled or not), 0.80-0.84 at res3 (512 x 100 x 168); embedded Gaussian
+      0.95-1.00 and 0.98 at res4, 0.91 at res3. A copy for theta alone and one for phi and g (x pooled for the keys, res4) read 1.02-1.04,
+      one for g alone (gaussian, res4) 1.03.
 
     Otherwise (and on CUDA, and while traced or compiled) ``x`` itself.
     """
@@ -72,7 +67,7 @@ def for_convolutions(x: torch.Tensor, readers: int) -> torch.Tensor:
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return x
         return _NchwToChannelsLast.apply(x, torch.bfloat16)
-    if readers < 3 or x[0].numel() < FLOAT32_CHANNELS_LAST_MIN_ELEMENTS:
+    if readers < 3:
         return x
     return _NchwToChannelsLast.apply(x, torch.float32)
 
@@ -80,13 +75,13 @@ def for_convolutions(x: torch.Tensor, readers: int) -> torch.Tensor:
 class _NchwToChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dtype):
-        return _transpose_images(x.to(dtype), to_channels_last=True)
+        return x.to(dtype, memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx, grad):
         if not is_channels_last(grad):
             grad = grad.contiguous(memory_format=torch.channels_last)
-        return _transpose_images(grad, to_channels_last=False), None  # autograd casts it to x's dtype
+        return _to_nchw(grad), None  # autograd casts it to x's dtype
 
 
 def _tracing():
@@ -99,28 +94,25 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _transpose_images(t, to_channels_last):
+def _to_nchw(t):
     """
-    ``t`` (B, C, H, W) copied into the other of NCHW / channels-last, one (C, H*W) <-> (H*W, C) matrix per
-    image: ATen's copy of a transposed 2-D matrix is blocked for the cache, its 4-D copy is not.
+    A channels-last ``t`` (B, C, H, W) copied to NCHW by one (H*W, C) -> (C, H*W) transpose per image. ATen's
+    copy of a transposed 2-D matrix is blocked for the cache, its 4-D copy is not (res3, batch 2, float32:
+    38 ms against 79). The other way, ``contiguous(memory_format=torch.channels_last)`` has a kernel of
+    its own (24 ms against 36 for the per-image transposes; cast to bfloat16 on the way, 19 against 35).
     """
     b, c, h, w = t.shape
-    if to_channels_last:
-        out = torch.empty((b, h, w, c), dtype=t.dtype, device=t.device).permute(0, 3, 1, 2)
-        for i in range(b):
-            out[i].permute(1, 2, 0).view(h * w, c).copy_(t[i].reshape(c, h * w).t())
-    else:
-        out = torch.empty((b, c, h, w), dtype=t.dtype, device=t.device)
-        for i in range(b):
-            out[i].view(c, h * w).copy_(t[i].permute(1, 2, 0).reshape(h * w, c).t())
+    out = torch.empty((b, c, h, w), dtype=t.dtype, device=t.device)
+    for i in range(b):
+        out[i].view(c, h * w).copy_(t[i].permute(1, 2, 0).reshape(h * w, c).t())
     return out
 
 
 class _ChannelsLastToNchw(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t):
-        return _transpose_images(t, to_channels_last=False)
+        return _to_nchw(t)
 
     @staticmethod
     def backward(ctx, grad):
-        return _transpose_images(grad.contiguous(), to_channels_last=True)
+        return grad.contiguous(memory_format=torch.channels_last)

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from nl_detectron import layout
 from nl_detectron.layout import for_convolutions, in_layout_of, residual_sum
 
 
@@ -40,20 +39,19 @@ def test_for_convolutions_casts_and_makes_channels_last_under_bfloat16_autocast(
         assert for_convolutions(x_last, readers=1) is x_last  # already channels-last: autocast casts it
 
 
-def test_for_convolutions_in_float32_copies_only_a_large_map_for_three_readers():
-    # 2^23 elements per image (512 x 128 x 128) at the threshold, one column fewer below it.
-    assert layout.FLOAT32_CHANNELS_LAST_MIN_ELEMENTS == 512 * 128 * 128
-    x = torch.randn(2, 512, 128, 128, requires_grad=True)
+def test_for_convolutions_in_float32_copies_for_three_readers_only():
+    x = torch.randn(2, 6, 5, 3, requires_grad=True)
     out = for_convolutions(x, readers=3)
     assert out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, x)
     grad = torch.randn(out.shape)
-    (grad_x,) = torch.autograd.grad(out, x, grad)
-    assert grad_x.is_contiguous() and torch.equal(grad_x, grad)
+    for given in (grad, grad.contiguous(memory_format=torch.channels_last)):
+        (grad_x,) = torch.autograd.grad(out, x, given, retain_graph=True)
+        assert grad_x.is_contiguous() and torch.equal(grad_x, grad)
     assert for_convolutions(x, readers=2) is x
-    smaller = x.detach()[:, :, :, :127].contiguous()
-    assert for_convolutions(smaller, readers=3) is smaller
+    x_last = x.detach().contiguous(memory_format=torch.channels_last)
+    assert for_convolutions(x_last, readers=3) is x_last
     with torch.autocast("cpu", dtype=torch.float16):  # 16-bit autocast but bfloat16: x itself
         assert for_convolutions(x, readers=3) is x
 

@@ -349,11 +349,10 @@ def test_float32_res4_sizes(mode, subsampling):
 
 @pytest.mark.parametrize("subsampling", list(SUBSAMPLING))
 @pytest.mark.parametrize("mode", NONLOCAL_MODES)
-def test_float32_channels_last_copy_for_large_maps(monkeypatch, mode, subsampling):
-    # On large maps theta, phi and g convolve a channels-last float32 copy of x where they all read x
-    # (layout.for_convolutions); forced here on a small map. Output and every gradient stay float32-close
-    # to the float64 reference, and the output and x's gradient keep x's layout.
-    monkeypatch.setattr(layout, "FLOAT32_CHANNELS_LAST_MIN_ELEMENTS", 1)
+def test_float32_channels_last_copy(mode, subsampling):
+    # In float32 theta, phi and g convolve one channels-last copy of x where they all read x
+    # (layout.for_convolutions). Output and every gradient stay float32-close to the float64 reference,
+    # and the output and x's gradient keep x's layout.
     sub_sample, sub_sample_input = SUBSAMPLING[subsampling]
     gen = torch.Generator().manual_seed(4)
     block = randomize_(NonLocalBlock2d(32, mode=mode, sub_sample=sub_sample, sub_sample_input=sub_sample_input), gen)
@@ -546,7 +545,7 @@ def test_keeps_the_input_layout(mode, subsampling, memory_format, autocast):
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product"])
 def test_theta_gets_its_gradient_in_its_own_layout(monkeypatch, mode, sub_sample_input, autocast):
     # The materialised softmax and the dot product hand theta's map its gradient in that map's layout (NCHW
-    # for an NCHW x; channels-last under bfloat16 autocast, where theta runs on a channels-last copy of x),
+    # for an NCHW x; channels-last where theta runs on a channels-last copy of x),
     # since a 1x1 convolution's backward on the other layout first copies it. Values are checked elsewhere.
     force_path(monkeypatch, "materialised")
     block = NonLocalBlock2d(32, mode=mode, sub_sample_input=sub_sample_input)
@@ -566,7 +565,9 @@ def test_theta_gets_its_gradient_in_its_own_layout(monkeypatch, mode, sub_sample
         z = block(x)
     z.backward(torch.randn_like(z))
     (grad_nchw, out_nchw, grad_last, out_last), = layouts
-    assert out_nchw != autocast and out_last == autocast
+    # theta convolves a channels-last copy of x under autocast, and in float32 where phi and g read x too.
+    copied = autocast or not sub_sample_input
+    assert out_nchw != copied and out_last == copied
     assert (grad_nchw, grad_last) == (out_nchw, out_last)
 
 
