@@ -45,19 +45,23 @@ def residual_sum(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.to(wider).add_(x)
 
 
-def for_convolutions(x: torch.Tensor, readers: int) -> torch.Tensor:
+def for_convolutions(x: torch.Tensor, readers: int, num_keys: int) -> torch.Tensor:
     """
-    ``x`` as the CPU's 1x1 convolutions take it fastest, for ``readers`` convolutions of it: an NCHW ``x``
-    copied channels-last (its gradient goes back to NCHW and x's dtype, see :func:`_to_nchw`), since
-    oneDNN's convolution of an NCHW map reorders its input, output and gradients:
+    ``x`` as the CPU's 1x1 convolutions take it fastest, for ``readers`` convolutions of it in a block with
+    ``num_keys`` keys: an NCHW ``x`` copied channels-last (its gradient goes back to NCHW and x's dtype, see
+    :func:`_to_nchw`), since oneDNN's convolution of an NCHW map reorders its input, output and gradients:
 
     * under bfloat16 autocast, cast to bfloat16 as well: theta at res4 (batch 2, forward+backward) took
       108 ms on the NCHW map, 77 ms on this one;
-    * in float32, where the copy serves three convolutions (theta, phi and g). The block's forward+backward,
-      batch 2, with the copy against without: dot product 0.87 at 512 x 50 x 84, 0.97 and 0.95 at res4
-      (1024 x 50 x 84, keys subsampled or not), 0.80-0.84 at res3 (512 x 100 x 168); embedded Gaussian
-      0.95-1.00 and 0.98 at res4, 0.91 at res3. A copy for theta alone and one for phi and g (x pooled for the keys, res4) read 1.02-1.04,
-      one for g alone (gaussian, res4) 1.03.
+    * in float32, where the copy serves three convolutions (theta, phi and g) and there are at least four
+      keys per channel of x. The block's forward+backward, batch 2, with the copy against without: dot
+      product 0.87 at 512 x 50 x 84, 0.97 and 0.95 at res4 (1024 x 50 x 84, keys subsampled or not),
+      0.80-0.84 at res3 (512 x 100 x 168); embedded Gaussian 0.95-1.00 and 0.98 at res4, 0.91 at res3. A
+      copy for theta alone, and one for phi and g (x pooled for the keys, res4), read 1.02-1.04, one for g
+      alone (gaussian, res4) 1.03. The float32 copy is held for backward beside x: where the N x N'
+      matrix is smaller than four x's (N' < 4C) that is a sizable part of the block's peak memory
+      (res4 subsampled, 1050 keys for 1024 channels: 224 MB against 190 MB without, and the naive
+      form's 207 MB).
 
     Otherwise (and on CUDA, and while traced or compiled) ``x`` itself.
     """
@@ -67,7 +71,7 @@ def for_convolutions(x: torch.Tensor, readers: int) -> torch.Tensor:
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return x
         return _NchwToChannelsLast.apply(x, torch.bfloat16)
-    if readers < 3:
+    if readers < 3 or num_keys < 4 * x.shape[1]:
         return x
     return _NchwToChannelsLast.apply(x, torch.float32)
 

@@ -206,13 +206,14 @@ class NonLocalBlock2d(nn.Module):
         pool = max_pool_2x2  # ceil mode: odd-sized maps keep their last row/column as keys
         keys_from = pool(x) if self.sub_sample_input else x  # the authors' order: pool x, then phi and g
         # What theta, phi and g convolve: their input in the layout they run fastest on (see layout.py).
+        num_keys = math.prod(self.key_grid(*x.shape[-2:]))
         if self.mode == "gaussian":
-            query, key, value = x, keys_from, self.g(for_convolutions(keys_from, readers=1))
+            query, key, value = x, keys_from, self.g(for_convolutions(keys_from, 1, num_keys))
         else:
             if keys_from is x:
-                x_conv = keys_conv = for_convolutions(x, readers=3)
+                x_conv = keys_conv = for_convolutions(x, 3, num_keys)
             else:
-                x_conv, keys_conv = for_convolutions(x, readers=1), for_convolutions(keys_from, readers=2)
+                x_conv, keys_conv = for_convolutions(x, 1, num_keys), for_convolutions(keys_from, 2, num_keys)
             query, key, value = self.theta(x_conv), self.phi(keys_conv), self.g(keys_conv)
         if self.sub_sample and not self.sub_sample_input:  # the paper's order: phi and g, then pool
             key, value = pool(key), pool(value)

@@ -23,9 +23,9 @@ def test_in_layout_of_turns_channels_last_into_nchw_and_back(dtype):
 
 def test_for_convolutions_casts_and_makes_channels_last_under_bfloat16_autocast():
     x = torch.randn(2, 6, 5, 3, requires_grad=True)
-    assert for_convolutions(x, readers=1) is x
+    assert for_convolutions(x, readers=1, num_keys=1) is x
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = for_convolutions(x, readers=1)
+        out = for_convolutions(x, readers=1, num_keys=1)
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, x.detach().bfloat16())
@@ -36,12 +36,12 @@ def test_for_convolutions_casts_and_makes_channels_last_under_bfloat16_autocast(
         assert torch.equal(grad_x, grad.float())
     x_last = x.detach().contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert for_convolutions(x_last, readers=1) is x_last  # already channels-last: autocast casts it
+        assert for_convolutions(x_last, readers=1, num_keys=1) is x_last  # already channels-last: autocast casts it
 
 
-def test_for_convolutions_in_float32_copies_for_three_readers_only():
+def test_for_convolutions_in_float32_copies_for_three_readers_and_four_keys_per_channel():
     x = torch.randn(2, 6, 5, 3, requires_grad=True)
-    out = for_convolutions(x, readers=3)
+    out = for_convolutions(x, readers=3, num_keys=24)
     assert out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, x)
@@ -49,11 +49,12 @@ def test_for_convolutions_in_float32_copies_for_three_readers_only():
     for given in (grad, grad.contiguous(memory_format=torch.channels_last)):
         (grad_x,) = torch.autograd.grad(out, x, given, retain_graph=True)
         assert grad_x.is_contiguous() and torch.equal(grad_x, grad)
-    assert for_convolutions(x, readers=2) is x
+    assert for_convolutions(x, readers=2, num_keys=24) is x
+    assert for_convolutions(x, readers=3, num_keys=23) is x
     x_last = x.detach().contiguous(memory_format=torch.channels_last)
-    assert for_convolutions(x_last, readers=3) is x_last
+    assert for_convolutions(x_last, readers=3, num_keys=24) is x_last
     with torch.autocast("cpu", dtype=torch.float16):  # 16-bit autocast but bfloat16: x itself
-        assert for_convolutions(x, readers=3) is x
+        assert for_convolutions(x, readers=3, num_keys=24) is x
 
 
 def test_without_autograd_the_same_copies():
@@ -62,7 +63,7 @@ def test_without_autograd_the_same_copies():
     assert out.is_contiguous() and torch.equal(out, t)
     x = torch.randn(2, 6, 5, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = for_convolutions(x, readers=1)
+        out = for_convolutions(x, readers=1, num_keys=1)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, x.bfloat16())
 
