@@ -21,10 +21,9 @@ def rows_to_map(t: torch.Tensor, size) -> torch.Tensor:
 def in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """
     (B, C, H, W) ``t`` in the memory layout of ``like``, for an elementwise op between the two: on the CPU a
-    channels-last ``t`` beside an NCHW ``like`` becomes NCHW by per-image 2-D transposes (and its gradient
-    channels-last, see :func:`_to_nchw`), since ATen's elementwise kernels and 4-D copies read a mixed layout slowly
-    (res4 at batch 2, bfloat16: x + t took 54 ms, the 2-D transposes and an NCHW sum 25 ms). Otherwise
-    ``t`` itself.
+    channels-last ``t`` beside an NCHW ``like`` becomes NCHW (by :func:`_to_nchw`; its gradient goes back
+    channels-last), since ATen's elementwise kernels and 4-D copies read a mixed layout slowly (res4 at
+    batch 2, bfloat16: x + t took 54 ms, the 2-D transposes and an NCHW sum 25 ms). Otherwise ``t`` itself.
     """
     if t.is_cuda or _tracing() or not like.is_contiguous() or not is_channels_last(t):
         return t
@@ -54,14 +53,13 @@ def for_convolutions(x: torch.Tensor, readers: int, num_keys: int) -> torch.Tens
     * under bfloat16 autocast, cast to bfloat16 as well: theta at res4 (batch 2, forward+backward) took
       108 ms on the NCHW map, 77 ms on this one;
     * in float32, where the copy serves three convolutions (theta, phi and g) and there are at least four
-      keys per channel of x. The block's forward+backward, batch 2, with the copy against without: dot
-      product 0.87 at 512 x 50 x 84, 0.97 and 0.95 at res4 (1024 x 50 x 84, keys subsampled or not),
-      0.80-0.84 at res3 (512 x 100 x 168); embedded Gaussian 0.95-1.00 and 0.98 at res4, 0.91 at res3. A
-      copy for theta alone, and one for phi and g (x pooled for the keys, res4), read 1.02-1.04, one for g
-      alone (gaussian, res4) 1.03. The float32 copy is held for backward beside x: where the N x N'
-      matrix is smaller than four x's (N' < 4C) that is a sizable part of the block's peak memory
-      (res4 subsampled, 1050 keys for 1024 channels: 224 MB against 190 MB without, and the naive
-      form's 207 MB).
+      keys per channel of x (N' >= 4C). The block's forward+backward, batch 2, with the copy against
+      without: dot product 0.80-0.84 at res3 (512 x 100 x 168), 0.95 at res4 without subsampling, 0.87
+      at 512 x 50 x 84; embedded Gaussian 0.91 at res3, 0.98 at res4 without subsampling. A copy for one
+      or two of the convolutions (x pooled for the keys; gaussian) read 1.02-1.04 at res4. The copy is
+      held for backward beside x, a sizable part of the peak memory where the N x N' matrix is not much
+      larger than x: res4 subsampled (1050 keys, 1024 channels) took 224 MB with it, 190 MB without, the
+      naive form 207 MB.
 
     Otherwise (and on CUDA, and while traced or compiled) ``x`` itself.
     """

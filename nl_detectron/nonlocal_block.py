@@ -210,10 +210,11 @@ class NonLocalBlock2d(nn.Module):
         if self.mode == "gaussian":
             query, key, value = x, keys_from, self.g(for_convolutions(keys_from, 1, num_keys))
         else:
-            if keys_from is x:
+            if keys_from is x:  # one copy for all three
                 x_conv = keys_conv = for_convolutions(x, 3, num_keys)
             else:
-                x_conv, keys_conv = for_convolutions(x, 1, num_keys), for_convolutions(keys_from, 2, num_keys)
+                x_conv = for_convolutions(x, 1, num_keys)
+                keys_conv = for_convolutions(keys_from, 2, num_keys)
             query, key, value = self.theta(x_conv), self.phi(keys_conv), self.g(keys_conv)
         if self.sub_sample and not self.sub_sample_input:  # the paper's order: phi and g, then pool
             key, value = pool(key), pool(value)
