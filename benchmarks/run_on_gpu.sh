@@ -7,6 +7,9 @@
 # 2. benchmarks/nonlocal_block.py for the softmax modes in float32, bfloat16 and float16 (autocast), every
 #    case of its default run; each JSON holds the card, CUDA and torch versions, and per case the path
 #    the cost rule took and the SDPA kernels that ran ("sdpa_backend").
+# PATHS="rule materialised unmaterialised" also runs step 2 with the cost rule's choice forced each way
+# (--force-path; block_DTYPE_PATH.json), the A/B that the rule's CUDA branch stands on (about 1.5 more
+# minutes per forced path).
 # WITH_MODEL=1 also runs benchmarks/model_overhead.py in float32 and bfloat16 (about 2.5 more minutes).
 # Needs torch with CUDA, detectron2, fvcore and pycocotools importable, and this repo on PYTHONPATH (or
 # installed).
@@ -33,9 +36,13 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 EOF
 step cuda_tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_nonlocal_block_cuda.py \
   --junitxml="$out/cuda_tests.xml"
-for dtype in float32 bfloat16 float16; do
-  step "block_$dtype" 60 "$PY" benchmarks/nonlocal_block.py --device cuda --dtype "$dtype" \
-    --modes embedded_gaussian gaussian --repeats 5 --json "$out/block_$dtype.json"
+for path in ${PATHS:-rule}; do
+  for dtype in float32 bfloat16 float16; do
+    name=block_$dtype
+    [ "$path" = rule ] || name+=_$path
+    step "$name" 90 "$PY" benchmarks/nonlocal_block.py --device cuda --dtype "$dtype" \
+      --modes embedded_gaussian gaussian --repeats 5 --force-path "$path" --json "$out/$name.json"
+  done
 done
 if [ "${WITH_MODEL:-0}" = 1 ]; then
   step overhead_float32 75 "$PY" benchmarks/model_overhead.py --device cuda --warmup 3 --repeats 10 \

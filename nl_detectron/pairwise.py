@@ -34,6 +34,9 @@ recomputed_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
 # kernels' memory wins; for concatenation on the CPU the same size is where recomputing its chunks
 # became the faster path (res3 without subsampling).
 MATERIALISE_ELEMENTS = 1 << 28
+# The softmax modes on CUDA keep the matrix where SDPA's fused kernels have no fast backward up to this many
+# elements (4 GiB in float32; res3 without subsampling at batch 2 has 0.56e9), see materialise_pairwise.
+CUDA_MATERIALISE_ELEMENTS = 1 << 30
 # float32 softmax on AVX-512 CPUs: the matrix is kept up to this many elements (res4 at batch 2; res3 with
 # subsampling has 1.4e8), see materialise_pairwise.
 CPU_FLOAT32_MATERIALISE_ELEMENTS = 1 << 26
@@ -73,27 +76,26 @@ def materialise_pairwise(
       flash with nothing of size N x N' kept. Elsewhere (AVX2) keep it only where there is no fused
       kernel: forced, the materialised path took 1.079 of the naive time at res4 subsampled where flash
       took 1.010 (2-core AVX2 EPYC). Gaussian's materialised form beats recomputing its C-channel logits.
-    * CPU, concatenation: keep it up to ``MATERIALISE_ELEMENTS``. Its attention alone, forward+backward,
-      kept against recomputed (2-core AVX2 EPYC; ``benchmarks/concatenation_paths.py``): res4 x pooled
-      376 / 421 ms, res4 1366 / 1571 ms, res3 subsampled 2873 / 3821 ms, res3 17.1 / 16.3 s.
-    * CUDA: keep it where the fused kernels have no fast backward, i.e. in float32 (the memory-efficient
-      kernel; 1.2-1.3x the naive form's time on an H100), for head dims over 256 (res4's 512-d
-      embeddings, gaussian's x) and without a fused kernel, up to ``MATERIALISE_ELEMENTS``; above that,
-      where memory is what runs out, SDPA's forward and a backward over query chunks (concatenation:
-      recomputed chunks). 16-bit with d <= 256 (res3): SDPA.
+    * Concatenation, CPU and CUDA: keep it up to ``MATERIALISE_ELEMENTS``. Its attention alone,
+      forward+backward, kept against recomputed (2-core AVX2 EPYC; ``benchmarks/concatenation_paths.py``):
+      res4 x pooled 376 / 421 ms, res4 1366 / 1571 ms, res3 subsampled 2873 / 3821 ms, res3 17.1 / 16.3 s.
+    * CUDA, softmax modes: keep it where the fused kernels have no fast backward, i.e. in float32 (the
+      memory-efficient kernel; 1.2-1.3x the naive form's time on an H100), for head dims over 256 (res4's
+      512-d embeddings, gaussian's x), up to ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is
+      what runs out, SDPA's forward and a backward over query chunks. 16-bit with d <= 256 (res3): SDPA.
     """
     elements = query.shape[0] * query.shape[1] * key.shape[1]
     small = elements <= MATERIALISE_ELEMENTS
+    if recomputable:
+        return small
     if not query.is_cuda:
-        if recomputable:
-            return small
         if _bfloat16_products(query):
             return small or not fused
         if query.dtype == torch.float32 and _cpu_capability() == "AVX512":
             return elements <= CPU_FLOAT32_MATERIALISE_ELEMENTS or not fused
         return not fused
     slow_fused = query.dtype == torch.float32 or query.shape[-1] > 256 or not fused
-    return slow_fused and small
+    return slow_fused and elements <= CUDA_MATERIALISE_ELEMENTS
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,12 +167,11 @@ def _weights_dtype(query, dtype):
 
 
 def _softmax_(logits):
-    """Softmax over the last dimension, in place on the CPU (its kernel reads each row before it writes it)."""
-    if logits.is_cuda:
-        logits.copy_(torch.softmax(logits, dim=-1))
-    else:
-        torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-    return logits
+    """
+    Softmax over the last dimension, in place: ATen's CPU and CUDA kernels read each row (into registers,
+    shared memory, or by the thread that writes the element) before they write it.
+    """
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 def _sdpa_rows(query, key, value, scale):
@@ -245,10 +246,11 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
     def forward(ctx, query, key, value, scale, chunk):
         dtype = _compute_dtype(query, key, value)
         with torch.autocast(query.device.type, enabled=False):
-            logits = _bmm(query, key.transpose(1, 2), dtype)
+            # The scale on the keys, the smaller operand, rather than on the N x N' logits.
+            logits = _bmm(query, (key * scale).transpose(1, 2), dtype)
             flat = logits.view(-1, logits.shape[-1])  # chunks of contiguous rows, of both batch elements
             for rows in _row_chunks(flat.shape[0], chunk * logits.shape[0]):
-                _softmax_(flat[rows].mul_(scale))
+                _softmax_(flat[rows])
             weights = logits.to(_weights_dtype(query, dtype))
             del logits, flat
             out = _bmm(weights, value.to(weights.dtype), dtype)
@@ -267,18 +269,15 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
             # on the CPU), in their layouts.
             grad_value = _bmm(weights.transpose(1, 2), grad_out, dtype)
             # d loss / d (q k^T) = scale * P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = dL/dout v^T; the
-            # scale goes on the values, the smaller operand. In float32 per chunk, stored back in place.
-            # (rowsum(P * dL/dP) = rowsum(dL/dout * out) would save a pass, but keeping out until here
-            # costs its memory at the block's peak.)
+            # scale goes on the values, the smaller operand. Per chunk: dL/dP in the weights' dtype (16-bit
+            # on CUDA, as the naive form's under autocast), then softmax's own backward kernel (float32
+            # arithmetic) in place of P.
             scaled_value_t = (value.to(dtype) * scale).to(store).transpose(1, 2)
-            for rows in _row_chunks(query.shape[1], ctx.chunk):
-                probs = weights[:, rows]
-                grad_weights = _bmm(grad_out[:, rows], scaled_value_t, dtype)
-                grad_weights.sub_(torch.linalg.vecdot(probs.to(dtype), grad_weights).unsqueeze(-1))
-                if store == dtype:
-                    probs.mul_(grad_weights)
-                else:
-                    probs.copy_(grad_weights.mul_(probs))
+            for batch in range(weights.shape[0]):
+                for rows in _row_chunks(query.shape[1], ctx.chunk * weights.shape[0]):
+                    probs = weights[batch, rows]
+                    grad_weights = grad_out[batch, rows] @ scaled_value_t[batch]
+                    torch.ops.aten._softmax_backward_data.out(grad_weights, probs, -1, store, grad_input=probs)
             grad_logits = weights
             q, k = query.to(store), key.to(store)
             grad_query = _bmm_like(grad_logits, k, query, dtype)

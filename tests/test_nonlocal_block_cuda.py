@@ -142,7 +142,7 @@ RULE_CASES = [
 @pytest.mark.parametrize("mode,channels,dtype,budget,path", RULE_CASES)
 def test_cost_rule_on_cuda(monkeypatch, mode, channels, dtype, budget, path):
     if budget is not None:
-        monkeypatch.setattr(pairwise, "MATERIALISE_ELEMENTS", budget)
+        monkeypatch.setattr(pairwise, "CUDA_MATERIALISE_ELEMENTS", budget)
     calls = []
     for name in ("_SoftmaxKeepingWeights", "_SdpaChunkedBackward"):
         function = getattr(pairwise, name)
