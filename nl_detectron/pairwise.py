@@ -133,9 +133,9 @@ def _compute_dtype(*tensors):
 
 def _bmm(a, b, dtype):
     """
-    a @ b with a result in ``dtype`` (float32/float64), for (B, n, m) @ (B, m, p). 16-bit on CUDA: the
-    tensor-core product itself, accumulated and returned in float32 (``out_dtype``); elsewhere in ``dtype``
-    (the CPU has no out_dtype for bmm).
+    a @ b with a result in ``dtype``, for (B, n, m) @ (B, m, p). 16-bit operands on CUDA and a float32
+    ``dtype``: the tensor-core product itself, accumulated and returned in float32 (``out_dtype``);
+    elsewhere the product of operands in ``dtype`` (the CPU has no out_dtype for bmm).
     """
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype and dtype == torch.float32:
         return torch.bmm(a, b, out_dtype=torch.float32)
@@ -253,7 +253,9 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
                 _softmax_(flat[rows])
             weights = logits.to(_weights_dtype(query, dtype))
             del logits, flat
-            out = _bmm(weights, value.to(weights.dtype), dtype)
+            # In the weights' dtype: a 16-bit product accumulates in float32 and rounds once, as a float32
+            # product cast to 16 bits would, in one kernel (on CUDA the launches are much of the time).
+            out = _bmm(weights, value.to(weights.dtype), weights.dtype)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, weights)
         return out.to(query.dtype)
@@ -265,24 +267,36 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
         dtype, store, scale = _compute_dtype(query, key, value), weights.dtype, ctx.scale
         with torch.autocast(query.device.type, enabled=False):
             grad_out = grad_out.to(store)
-            # The gradients come out of the products autograd's matmul backward uses (measured fastest
-            # on the CPU), in their layouts.
-            grad_value = _bmm(weights.transpose(1, 2), grad_out, dtype)
+            # Every product in the weights' dtype (see forward). The gradients come out of the products
+            # autograd's matmul backward uses (measured fastest on the CPU), in their layouts.
+            grad_value = _bmm(weights.transpose(1, 2), grad_out, store)
             # d loss / d (q k^T) = scale * P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = dL/dout v^T; the
-            # scale goes on the values, the smaller operand. Per chunk: dL/dP in the weights' dtype (16-bit
-            # on CUDA, as the naive form's under autocast), then softmax's own backward kernel (float32
-            # arithmetic) in place of P.
-            scaled_value_t = (value.to(dtype) * scale).to(store).transpose(1, 2)
-            for batch in range(weights.shape[0]):
-                for rows in _row_chunks(query.shape[1], ctx.chunk * weights.shape[0]):
-                    probs = weights[batch, rows]
-                    grad_weights = grad_out[batch, rows] @ scaled_value_t[batch]
-                    torch.ops.aten._softmax_backward_data.out(grad_weights, probs, -1, store, grad_input=probs)
+            # scale goes on the values, the smaller operand. Per chunk: dL/dP, then softmax's own backward
+            # kernel (float32 arithmetic) in place of P.
+            scaled_value_t = (value.to(store) * scale).transpose(1, 2)
+            for probs, grad, value_t in _softmax_chunks(weights, grad_out, scaled_value_t, ctx.chunk):
+                grad_weights = torch.matmul(grad, value_t)
+                torch.ops.aten._softmax_backward_data.out(grad_weights, probs, -1, store, grad_input=probs)
             grad_logits = weights
             q, k = query.to(store), key.to(store)
-            grad_query = _bmm_like(grad_logits, k, query, dtype)
-            grad_key = _bmm(q.transpose(1, 2), grad_logits, dtype).transpose(1, 2)
+            grad_query = _bmm_like(grad_logits, k, query, store)
+            grad_key = _bmm(q.transpose(1, 2), grad_logits, store).transpose(1, 2)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+
+
+def _softmax_chunks(weights, grad_out, value_t, chunk):
+    """
+    (rows of the weights, of dL/dout, the values^T) of the backward's chunks, each of ``chunk`` rows per
+    image (the forward's chunks of the matrix's elements): the whole batch at once where one chunk holds
+    every row (fewer launches), else one image's contiguous rows at a time.
+    """
+    batch, num_rows = weights.shape[:2]
+    if chunk * batch >= num_rows:
+        return [(weights, grad_out, value_t)]
+    return [
+        (weights[b, rows], grad_out[b, rows], value_t[b])
+        for b in range(batch) for rows in _row_chunks(num_rows, chunk * batch)
+    ]
 
 
 class _SoftmaxBfloat16(torch.autograd.Function):

@@ -17,11 +17,13 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     dropping them. (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)), NCHW. Under autograd it keeps only x,
     which the layers around it keep anyway, and finds the maxima again in backward, instead of keeping
     int64 indices (twice the pooled map's float32 size, at the block's peak of memory). Without autograd,
-    and while traced or compiled, it is ``max_pool2d`` itself: one operator for export and FLOP counters,
-    without the strided quarters' guards on the parity of dynamic sizes.
+    while traced or compiled, and on CUDA, it is ``max_pool2d`` itself: one operator for export and FLOP
+    counters, without the strided quarters' guards on the parity of dynamic sizes; on CUDA one kernel each
+    way, where the block at res4 takes longer to launch its kernels than to run them (H200, the Table 5
+    case: 1.3 ms of GPU time per forward+backward, 3-4 ms of wall time), and the indices are 17 MB there.
     """
     tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if torch.is_grad_enabled() and x.requires_grad and not tracing:
+    if torch.is_grad_enabled() and x.requires_grad and not tracing and not x.is_cuda:
         return _MaxPool2x2.apply(x)
     return F.max_pool2d(x, 2, ceil_mode=True)
 
