@@ -28,7 +28,8 @@ ratios move by several percent from run to run.
 
 On CUDA (--device cuda) everything runs in one process: memory is torch.cuda.max_memory_allocated over
 memory_allocated before the forward+backward (exact: the caching allocator counts every tensor), time is
-wall clock around a synchronised forward+backward, in alternating rounds for at least 0.5 s. --dtype
+wall clock around a synchronised forward+backward, in alternating rounds for at least 0.5 s; besides, the
+time the GPU spends in kernels (torch.profiler), which the wall time exceeds where launching takes longer. --dtype
 float16/bfloat16 runs both forms under torch.autocast, as mixed-precision training does. The SDPA kernel
 that ran is read at torch's dispatcher (benchmarks/_sdpa.py: the op names of aten's fused kernels).
 """
@@ -213,7 +214,24 @@ def cuda_measure(mode, case, repeats, dtype):
     times = alternating_times(forms, dtype, repeats, CUDA_MIN_TIMING_S, CUDA_MAX_ROUNDS)
     for impl in IMPLS:
         result[impl]["times_s"] = times[impl]
+        result[impl]["kernel_s"] = kernel_time(*forms[impl], dtype)
     return result
+
+
+def kernel_time(module, x, grad_out, dtype, runs=3):
+    """
+    Seconds the GPU spends in kernels per forward+backward (torch.profiler, the mean of ``runs``): what the
+    block costs where the host launches ahead of the GPU, as inside a whole model. The wall time above
+    also holds the host's time to launch the kernels, which is most of it where they are small (res4).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            forward_backward(module, x, grad_out, dtype)
+        torch.cuda.synchronize()
+    # With CUDA activity alone no operator is recorded, so device time is the kernels' (and memsets') only.
+    return sum(e.self_device_time_total for e in prof.key_averages()) / runs / 1e6
 
 
 def _subprocess(args, env=None):
@@ -381,11 +399,15 @@ def main():
                 o / n for o, n in zip(ours["times_s"], naive["times_s"])
             )
             result["memory_ratio"] = ours["peak_mb"] / naive["peak_mb"]
+            if ours.get("kernel_s") and naive.get("kernel_s"):
+                result["kernel_time_ratio"] = ours["kernel_s"] / naive["kernel_s"]
             result["load_average"] = os.getloadavg()[0]
             rows.append(result)
             print(f"{mode:17s} {case:10s} {1e3 * ours['time_s']:8.1f} {1e3 * naive['time_s']:8.1f} "
                   f"{result['time_ratio']:8.2f} {ours['peak_mb']:7.0f} {naive['peak_mb']:8.0f} "
-                  f"{result['memory_ratio']:7.3f}  {result['sdpa_backend']}", flush=True)
+                  f"{result['memory_ratio']:7.3f}  {result['sdpa_backend']}"
+                  + (f"; GPU kernels {1e3 * ours['kernel_s']:.2f} / {1e3 * naive['kernel_s']:.2f} ms"
+                     f" = {result['kernel_time_ratio']:.2f}" if "kernel_time_ratio" in result else ""), flush=True)
             if args.json:  # after every case, so that a run cut short leaves what it measured
                 write_json(args.json, info, args, repeats, cases, rows, complete=False)
     print(f"{time.time() - start:.0f} s in all; load average now {os.getloadavg()[0]:.1f}")
