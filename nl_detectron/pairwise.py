@@ -80,9 +80,12 @@ def materialise_pairwise(
       forward+backward, kept against recomputed (2-core AVX2 EPYC; ``benchmarks/concatenation_paths.py``):
       res4 x pooled 376 / 421 ms, res4 1366 / 1571 ms, res3 subsampled 2873 / 3821 ms, res3 17.1 / 16.3 s.
     * CUDA, softmax modes: keep it where the fused kernels have no fast backward, i.e. in float32 (the
-      memory-efficient kernel; 1.2-1.3x the naive form's time on an H100), for head dims over 256 (res4's
-      512-d embeddings, gaussian's x), up to ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is
-      what runs out, SDPA's forward and a backward over query chunks. 16-bit with d <= 256 (res3): SDPA.
+      memory-efficient kernel) and for head dims over 256 (res4's 512-d embeddings, gaussian's x), up to
+      ``CUDA_MATERIALISE_ELEMENTS``; above that, where memory is what runs out, SDPA's forward and a
+      backward over query chunks. 16-bit with d <= 256 (res3's embeddings): SDPA (cuDNN). The whole
+      block forced each way on an H200 (batch 2, ours / naive): kept 0.99-1.12 in float32, 1.04-1.39 at
+      res4 and 0.60-0.92 at res3 in 16-bit; not kept 1.22-1.30 in float32, 1.31-4.17 where d > 256 in
+      16-bit, and 0.46-0.83 for 16-bit res3 embeddings (SDPA cuDNN), where kept read 0.60-0.88.
     """
     elements = query.shape[0] * query.shape[1] * key.shape[1]
     small = elements <= MATERIALISE_ELEMENTS
