@@ -29,13 +29,12 @@ pairwise_chunk_elements = {"cpu": 1 << 20, "cuda": 1 << 26}
 # (concatenation at res4 with x pooled, 16 Mi elements: one chunk, 0.97 of the naive form's time; 1 Mi:
 # 1.20), and a chunk's matrices are alive only while it is recomputed.
 recomputed_chunk_elements = {"cpu": 1 << 24, "cuda": 1 << 26}
-# The matrix is kept up to this many elements (1 GiB in float32) where keeping it is a choice: on CUDA
-# res4, and res3 with subsampling, at batch 2 (res3 without: 0.56e9 elements), above which the fused
-# kernels' memory wins; for concatenation on the CPU the same size is where recomputing its chunks
-# became the faster path (res3 without subsampling).
+# The matrix is kept up to this many elements (1 GiB in float32) by concatenation (CPU and CUDA) and by
+# bfloat16 softmax on the CPU: for concatenation on the CPU the size where recomputing its chunks became
+# the faster path (res3 without subsampling, 0.56e9 elements at batch 2), see materialise_pairwise.
 MATERIALISE_ELEMENTS = 1 << 28
-# The softmax modes on CUDA keep the matrix where SDPA's fused kernels have no fast backward up to this many
-# elements (4 GiB in float32; res3 without subsampling at batch 2 has 0.56e9), see materialise_pairwise.
+# The softmax modes on CUDA keep the matrix, where SDPA's fused kernels have no fast backward, up to this
+# many elements (4 GiB in float32: every case of the block benchmark at batch 2), see materialise_pairwise.
 CUDA_MATERIALISE_ELEMENTS = 1 << 30
 # float32 softmax on AVX-512 CPUs: the matrix is kept up to this many elements (res4 at batch 2; res3 with
 # subsampling has 1.4e8), see materialise_pairwise.
@@ -267,7 +266,7 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, weights = ctx.saved_tensors
-        dtype, store, scale = _compute_dtype(query, key, value), weights.dtype, ctx.scale
+        store, scale = weights.dtype, ctx.scale
         with torch.autocast(query.device.type, enabled=False):
             grad_out = grad_out.to(store)
             # Every product in the weights' dtype (see forward). The gradients come out of the products
