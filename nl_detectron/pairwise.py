@@ -257,7 +257,7 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
             del logits, flat
             # In the weights' dtype: a 16-bit product accumulates in float32 and rounds once, as a float32
             # product cast to 16 bits would, in one kernel (on CUDA the launches are much of the time).
-            out = _bmm(weights, value.to(weights.dtype), weights.dtype)
+            out = _bmm(weights, value, weights.dtype)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, weights)
         return out.to(query.dtype)
@@ -277,12 +277,10 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
             # kernel (float32 arithmetic) in place of P.
             scaled_value_t = (value.to(store) * scale).transpose(1, 2)
             for probs, grad, value_t in _softmax_chunks(weights, grad_out, scaled_value_t, ctx.chunk):
-                grad_weights = torch.matmul(grad, value_t)
-                torch.ops.aten._softmax_backward_data.out(grad_weights, probs, -1, store, grad_input=probs)
+                _softmax_backward_(probs, grad, value_t)
             grad_logits = weights
-            q, k = query.to(store), key.to(store)
-            grad_query = _bmm_like(grad_logits, k, query, store)
-            grad_key = _bmm(q.transpose(1, 2), grad_logits, store).transpose(1, 2)
+            grad_query = _bmm_like(grad_logits, key, query, store)
+            grad_key = _bmm(query.transpose(1, 2), grad_logits, store).transpose(1, 2)
         return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
 
 
@@ -339,7 +337,7 @@ class _SoftmaxBfloat16(torch.autograd.Function):
             value_t = _centred(value, 1.0).transpose(1, 2)
             for batch in range(weights.shape[0]):
                 for rows in _row_chunks(weights.shape[1], ctx.chunk):
-                    _bfloat16_softmax_backward_(weights[batch, rows], grad_out[batch, rows], value_t[batch])
+                    _softmax_backward_(weights[batch, rows], grad_out[batch, rows], value_t[batch])
             grad_query = _bmm_like(weights, key, query)
             grad_key = torch.bmm(query.transpose(1, 2), weights).transpose(1, 2).mul_(ctx.scale)
         return grad_query, grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
@@ -382,7 +380,7 @@ class _SoftmaxBfloat16Recomputed(torch.autograd.Function):
                     q = query[batch, rows]
                     weights = _bfloat16_softmax_(q @ key[batch].t(), q, key[batch])
                     grad_value[batch] += weights.t() @ grad_out[batch, rows]
-                    grad_logits = _bfloat16_softmax_backward_(weights, grad_out[batch, rows], value_t[batch])
+                    grad_logits = _softmax_backward_(weights, grad_out[batch, rows], value_t[batch])
                     torch.mm(grad_logits, key[batch], out=grad_query[batch, rows])
                     grad_key[batch] += grad_logits.t() @ q
         return grad_query, grad_key.mul_(ctx.scale).to(key.dtype), grad_value.to(value.dtype), None, None
@@ -405,12 +403,13 @@ def _bfloat16_softmax_(logits, query, key):
     return logits
 
 
-def _bfloat16_softmax_backward_(weights, grad_out, value_t):
+def _softmax_backward_(weights, grad_out, value_t):
     """
-    The gradient of one chunk's scaled logits, in place of its bfloat16 softmax ``weights`` (n, N'):
-    P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = ``grad_out`` (n, C') @ ``value_t`` (C', N'), the centred
-    values (which shift each row of dL/dP by a constant that the rowsum takes back out); softmax's own
-    backward kernel, float32 arithmetic, while the chunk is in cache.
+    The gradient of one chunk's logits, in place of its softmax ``weights`` (n, N') or (B, n, N'):
+    P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = ``grad_out`` (n, C') @ ``value_t`` (C', N') in the
+    weights' dtype; softmax's own backward kernel (float32 arithmetic for 16-bit weights), while the
+    chunk is in cache. Values shifted by a constant per channel (the bfloat16 paths' centred values)
+    shift each row of dL/dP by a constant that the rowsum takes back out.
     """
     grad_weights = grad_out @ value_t
     return torch.ops.aten._softmax_backward_data.out(grad_weights, weights, -1, weights.dtype, grad_input=weights)
