@@ -10,7 +10,7 @@ from torch import nn
 from detectron2.layers import Conv2d, get_norm
 
 from .layout import for_convolutions, residual_sum, rows, rows_to_map
-from .pairwise import concatenation_attention, dot_product_attention, softmax_attention
+from .pairwise import concatenation_attention, dot_product_attention, gaussian_attention, softmax_attention
 from .subsample import max_pool_2x2
 
 __all__ = ["NonLocalBlock2d", "NonLocalArgumentError", "NONLOCAL_MODES", "NONLOCAL_NORMS"]
@@ -228,20 +228,7 @@ class NonLocalBlock2d(nn.Module):
         if self.mode == "embedded_gaussian":
             return softmax_attention(query, key, value, self._scale(query))
         if self.mode == "gaussian":
-            # Under autocast x stays float32 while g(x) is 16-bit: one dtype, autocast off. The logits
-            # x_i . x_j sum C terms: float32 (float64 if x is), or under autocast its 16-bit on CUDA
-            # (whose products return float32 there) and bfloat16 on the CPU (products that the
-            # materialised softmax guards, see pairwise). SDPA's fused CPU kernel needs C' == d.
-            dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-            device = query.device.type
-            autocast = torch.is_autocast_enabled(device)
-            if autocast and (device == "cuda" or torch.get_autocast_dtype(device) == torch.bfloat16):
-                dtype = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                q, k, v = (t.to(dtype) for t in (query, key, value))
-                y = softmax_attention(q, k, v, self._scale(q), fused=q.is_cuda)
-            # Under autocast y stays in its dtype, which W_z's convolution takes (no float32 copy).
-            return y if autocast else y.to(query.dtype)
+            return gaussian_attention(query, key, value, self._scale(query))
         if self.mode == "dot_product":
             return dot_product_attention(query, key, value)
         w_theta, w_phi = self.concat_project.weight.chunk(2, dim=1)

@@ -15,8 +15,8 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "materialise_pairwise", "softmax_attention", "dot_product_attention", "concatenation_attention",
-    "pairwise_chunk_elements", "recomputed_chunk_elements",
+    "materialise_pairwise", "softmax_attention", "gaussian_attention", "dot_product_attention",
+    "concatenation_attention", "pairwise_chunk_elements", "recomputed_chunk_elements",
 ]
 
 # Elements of one query chunk of the pairwise matrix, where a path works through chunks: on the CPU 4 MiB
@@ -141,7 +141,26 @@ def _bmm(a, b, dtype):
     """
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype and dtype == torch.float32:
         return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.to(dtype), b.to(dtype))
+    return torch.bmm(_cast(a, dtype), _cast(b, dtype))
+
+
+def _cast(t, dtype):
+    """
+    ``t.to(dtype)`` without the call where t has that dtype: at res4 on CUDA the host's time per operator
+    call, not the GPU's, sets the block's speed, and a no-op ``to`` costs about as much host time as a
+    kernel's launch.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_off(t):
+    """
+    Autocast off on ``t``'s device for the ops of a ``with`` block; where it is off already (backward, float32
+    training) a context that does nothing, since entering ``torch.autocast`` costs the host more than a
+    small kernel's launch.
+    """
+    device = t.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def _bmm_like(a, b, like, dtype=None):
@@ -152,10 +171,11 @@ def _bmm_like(a, b, like, dtype=None):
     gradient, in float32 and in bfloat16).
     ``dtype``: as :func:`_bmm`'s, else the product in a's dtype.
     """
-    product = torch.bmm if dtype is None else functools.partial(_bmm, dtype=dtype)
-    if like.stride(1) == 1 and like.stride(2) != 1:
-        return product(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
-    return product(a, b)
+    transposed = like.stride(1) == 1 and like.stride(2) != 1
+    if transposed:
+        a, b = b.transpose(1, 2), a.transpose(1, 2)
+    out = torch.bmm(a, b) if dtype is None else _bmm(a, b, dtype)
+    return out.transpose(1, 2) if transposed else out
 
 
 def _weights_dtype(query, dtype):
@@ -173,7 +193,7 @@ def _softmax_(logits):
     Softmax over the last dimension, in place: ATen's CPU and CUDA kernels read each row (into registers,
     shared memory, or by the thread that writes the element) before they write it.
     """
-    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+    return torch._softmax(logits, -1, False, out=logits)
 
 
 def _sdpa_rows(query, key, value, scale):
@@ -229,11 +249,33 @@ def softmax_attention(query, key, value, scale: float, fused: bool = True):
         return _sdpa_rows(query, key, value, scale)
     dtype = _compute_dtype(query, key, value)
     outs = []
-    with torch.autocast(query.device.type, enabled=False):
+    with _autocast_off(query):
         for rows in _row_chunks(query.shape[1], _chunk_rows(query, key)):
             weights = torch.softmax(_bmm(query[:, rows], key.transpose(1, 2), dtype).mul_(scale), dim=-1)
             outs.append(_bmm(weights, value, dtype))
     return torch.cat(outs, dim=1).to(query.dtype)
+
+
+def gaussian_attention(x, keys, value, scale: float):
+    """
+    The Gaussian pairwise function, ``softmax_j(x_i . x_j * scale) g(x_j)``: :func:`softmax_attention` on
+    the input's own rows. (B, N, C), (B, N', C), (B, N', C') -> (B, N, C'): in x's dtype, or under
+    autocast in its 16-bit dtype, which W_z's convolution takes (no float32 copy).
+
+    Under autocast x stays float32 while g(x) is 16-bit: one dtype for all three, autocast off. The logits
+    x_i . x_j sum C terms: float32 (float64 if x is), or under autocast its 16-bit dtype on CUDA (whose
+    products return float32 there) and bfloat16 on the CPU (products that the materialised softmax
+    guards). SDPA's fused CPU kernel needs C' == C, so only CUDA runs it fused.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast and (device == "cuda" or torch.get_autocast_dtype(device) == torch.bfloat16):
+        dtype = torch.get_autocast_dtype(device)
+    with _autocast_off(x):
+        q, k, v = (_cast(t, dtype) for t in (x, keys, value))
+        y = softmax_attention(q, k, v, scale, fused=q.is_cuda)
+    return y if autocast else _cast(y, x.dtype)
 
 
 class _SoftmaxKeepingWeights(torch.autograd.Function):
@@ -247,41 +289,46 @@ class _SoftmaxKeepingWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):
         dtype = _compute_dtype(query, key, value)
-        with torch.autocast(query.device.type, enabled=False):
+        with _autocast_off(query):
             # The scale on the keys, the smaller operand, rather than on the N x N' logits.
             logits = _bmm(query, (key * scale).transpose(1, 2), dtype)
-            flat = logits.view(-1, logits.shape[-1])  # chunks of contiguous rows, of both batch elements
-            for rows in _row_chunks(flat.shape[0], chunk * logits.shape[0]):
-                _softmax_(flat[rows])
-            weights = logits.to(_weights_dtype(query, dtype))
-            del logits, flat
+            batch, num_rows = logits.shape[:2]
+            if chunk >= num_rows:  # one chunk: one call
+                _softmax_(logits)
+            else:  # chunks of contiguous rows, of both batch elements
+                flat = logits.view(-1, logits.shape[-1])
+                for rows in _row_chunks(flat.shape[0], chunk * batch):
+                    _softmax_(flat[rows])
+                del flat
+            weights = _cast(logits, _weights_dtype(query, dtype))
+            del logits
             # In the weights' dtype: a 16-bit product accumulates in float32 and rounds once, as a float32
             # product cast to 16 bits would, in one kernel (on CUDA the launches are much of the time).
             out = _bmm(weights, value, weights.dtype)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(query, key, value, weights)
-        return out.to(query.dtype)
+        return _cast(out, query.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, weights = ctx.saved_tensors
         store, scale = weights.dtype, ctx.scale
-        with torch.autocast(query.device.type, enabled=False):
-            grad_out = grad_out.to(store)
+        with _autocast_off(query):
+            grad_out = _cast(grad_out, store)
             # Every product in the weights' dtype (see forward). The gradients come out of the products
             # autograd's matmul backward uses (measured fastest on the CPU), in their layouts.
             grad_value = _bmm(weights.transpose(1, 2), grad_out, store)
             # d loss / d (q k^T) = scale * P * (dL/dP - rowsum(P * dL/dP)) with dL/dP = dL/dout v^T; the
             # scale goes on the values, the smaller operand. Per chunk: dL/dP, then softmax's own backward
             # kernel (float32 arithmetic) in place of P.
-            scaled_value_t = (value.to(store) * scale).transpose(1, 2)
+            scaled_value_t = (_cast(value, store) * scale).transpose(1, 2)
             for probs, grad, value_t in _softmax_chunks(weights, grad_out, scaled_value_t, ctx.chunk):
                 _softmax_backward_(probs, grad, value_t)
             grad_logits = weights
             grad_query = _bmm_like(grad_logits, key, query, store)
             grad_key = _bmm(query.transpose(1, 2), grad_logits, store).transpose(1, 2)
-        return grad_query.to(query.dtype), grad_key.to(key.dtype), grad_value.to(value.dtype), None, None
+        return _cast(grad_query, query.dtype), _cast(grad_key, key.dtype), _cast(grad_value, value.dtype), None, None
 
 
 def _softmax_chunks(weights, grad_out, value_t, chunk):
@@ -316,7 +363,7 @@ class _SoftmaxBfloat16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):
-        with torch.autocast("cpu", enabled=False):
+        with _autocast_off(query):
             key, value = _centred(key, scale), value.to(query.dtype)  # keys rounded once, with the scale
             weights = torch.bmm(query, key.transpose(1, 2))  # the scaled logits, then their softmax in place
             for batch in range(weights.shape[0]):
@@ -331,7 +378,7 @@ class _SoftmaxBfloat16(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, weights = ctx.saved_tensors  # key: centred and scaled
-        with torch.autocast("cpu", enabled=False):
+        with _autocast_off(query):
             grad_out = grad_out.to(weights.dtype)
             grad_value = torch.bmm(weights.transpose(1, 2), grad_out)
             value_t = _centred(value, 1.0).transpose(1, 2)
@@ -353,7 +400,7 @@ class _SoftmaxBfloat16Recomputed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, scale, chunk):
-        with torch.autocast("cpu", enabled=False):
+        with _autocast_off(query):
             key, value = _centred(key, scale), value.to(query.dtype)
             out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
             for batch in range(query.shape[0]):
@@ -369,7 +416,7 @@ class _SoftmaxBfloat16Recomputed(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value = ctx.saved_tensors  # key: centred and scaled
-        with torch.autocast("cpu", enabled=False):
+        with _autocast_off(query):
             grad_out = grad_out.to(query.dtype)
             value_t = _centred(value, 1.0).transpose(1, 2)
             grad_query = torch.empty_like(query)
@@ -412,7 +459,7 @@ def _softmax_backward_(weights, grad_out, value_t):
     shift each row of dL/dP by a constant that the rowsum takes back out.
     """
     grad_weights = grad_out @ value_t
-    return torch.ops.aten._softmax_backward_data.out(grad_weights, weights, -1, weights.dtype, grad_input=weights)
+    return torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype, grad_input=weights)
 
 
 def _centred(rows, scale):
@@ -441,7 +488,7 @@ class _SdpaChunkedBackward(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, out = ctx.saved_tensors
         dtype, scale = _compute_dtype(query, key, value), ctx.scale
-        with torch.autocast(query.device.type, enabled=False):
+        with _autocast_off(query):
             grad_out, out = grad_out.to(dtype), out.to(dtype)
             row_dots = (grad_out * out).sum(dim=-1, keepdim=True)
             grad_q = torch.empty(query.shape, dtype=dtype, device=query.device)
@@ -507,7 +554,7 @@ def _float32_for_float16(query):
     if query.dtype != torch.float16:
         yield lambda t: t
         return
-    with torch.autocast(query.device.type, enabled=False):
+    with _autocast_off(query):
         yield lambda t: t.float()
 
 
@@ -560,7 +607,7 @@ class _ConcatKeepingPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, v, value, chunk):
         dtype = torch.promote_types(torch.promote_types(u.dtype, v.dtype), value.dtype)
-        with torch.autocast(u.device.type, enabled=False):
+        with _autocast_off(u):
             u, v, value = u.to(dtype), v.to(dtype), value.to(dtype)
             pairs = u.new_empty(u.shape[0], u.shape[1], v.shape[1])
             for rows in _row_chunks(u.shape[1], chunk):
