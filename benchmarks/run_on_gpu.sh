@@ -7,10 +7,13 @@
 # 2. benchmarks/nonlocal_block.py for the softmax modes in float32, bfloat16 and float16 (autocast), every
 #    case of its default run; each JSON holds the card, CUDA and torch versions, and per case the path
 #    the cost rule took and the SDPA kernels that ran ("sdpa_backend").
+# 3. benchmarks/block_host_time.py in the three dtypes: the host's time per forward+backward at a tiny size,
+#    what sets the wall time at res4 (about 20 s).
 # PATHS="rule materialised unmaterialised" also runs step 2 with the cost rule's choice forced each way
 # (--force-path; block_DTYPE_PATH.json), the A/B that the rule's CUDA branch stands on (about 1.5 more
 # minutes per forced path).
 # WITH_MODEL=1 also runs benchmarks/model_overhead.py in float32 and bfloat16 (about 2.5 more minutes).
+# COMMIT=<sha> names the commit in environment.json where the checkout's .git is not the tree's (a copy).
 # Needs torch with CUDA, detectron2, fvcore and pycocotools importable, and this repo on PYTHONPATH (or
 # installed).
 set -uo pipefail
@@ -27,8 +30,8 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, its output to t
   echo "=== $name: exit ${PIPESTATUS[0]}"
 }
 "$PY" - "$out/environment.json" <<'EOF'
-import json, platform, subprocess, sys, torch
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+import json, os, platform, subprocess, sys, torch
+commit = os.environ.get("COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 info = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "torch": torch.__version__,
         "python": platform.python_version(), "commit": commit or "unknown"}
 print(info)
@@ -43,6 +46,10 @@ for path in ${PATHS:-rule}; do
     step "$name" 90 "$PY" benchmarks/nonlocal_block.py --device cuda --dtype "$dtype" \
       --modes embedded_gaussian gaussian --repeats 5 --force-path "$path" --json "$out/$name.json"
   done
+done
+for dtype in float32 bfloat16 float16; do
+  step "host_time_$dtype" 30 "$PY" benchmarks/block_host_time.py --device cuda --dtype "$dtype" --rounds 7 \
+    --calls 50 --json "$out/host_time_$dtype.json"
 done
 if [ "${WITH_MODEL:-0}" = 1 ]; then
   step overhead_float32 75 "$PY" benchmarks/model_overhead.py --device cuda --warmup 3 --repeats 10 \
