@@ -455,7 +455,8 @@ def test_autocast_large_dot_products(monkeypatch, mode, dtype, path):
 
 
 @pytest.mark.parametrize("path", ["materialised", "materialised_16bit", "chunked_backward"])
-def test_autocast_float16_leaves_the_products_in_their_dtype(monkeypatch, path):
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "gaussian"])
+def test_autocast_float16_leaves_the_products_in_their_dtype(monkeypatch, mode, path):
     # float16 autocast casts a product's float32 operands back to float16, where logits and sums over
     # positions can overflow: the softmax paths turn it off for their products, forward and backward (the
     # backward runs under autocast where it is called inside it).
@@ -469,7 +470,7 @@ def test_autocast_float16_leaves_the_products_in_their_dtype(monkeypatch, path):
         return out
 
     monkeypatch.setattr(pairwise, "_bmm", recording_bmm)
-    block, x = large_magnitude_case("embedded_gaussian")
+    block, x = large_magnitude_case(mode)
     x.requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.float16):
         block(x).mean().backward()
