@@ -13,14 +13,13 @@ keeps no indices, the layout copies for oneDNN) are swapped for what the block r
 ``x + out``, no copies), so that the CPU measures the host work of CUDA's path; the one CUDA-only call left
 out is ``bmm``'s ``out_dtype`` (16-bit products returning float32), which the CPU does not have. The
 attention's path is forced to the kept N x N' matrix (--force-path), the one CUDA's cost rule takes for
-every softmax case of nonlocal_block.py. Both forms are timed in alternating rounds of --calls calls each;
-the ratio is the median of the rounds' ours / naive.
+every softmax case of nonlocal_block.py. Both forms are timed by nonlocal_block.py's alternating rounds,
+here of --calls calls each after a warm-up round; the ratio is the median of the rounds' ours / naive.
 """
 import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 import nl_detectron.nonlocal_block as block_module
 from nl_detectron.nonlocal_block import NonLocalBlock2d
 
-from nonlocal_block import DTYPES, FORCED_PATHS, MaterialisedNonLocal, force_path, forward_backward  # benchmarks/
+from nonlocal_block import DTYPES, FORCED_PATHS, MaterialisedNonLocal, alternating_times, force_path  # benchmarks/
 from _proc import cpu_name  # benchmarks/_proc.py
 
 SOFTMAX_MODES = ("embedded_gaussian", "gaussian")
@@ -41,29 +40,15 @@ def emulate_cuda_path():
     block_module.residual_sum = lambda x, out: x + out
 
 
-def time_calls(module, x, grad_out, dtype, calls):
-    """Seconds per forward+backward, over ``calls`` calls (synchronised once at the end on CUDA)."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        forward_backward(module, x, grad_out, dtype)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls
-
-
 def measure(mode, args):
     torch.manual_seed(0)
     block = NonLocalBlock2d(args.channels, mode=mode, sub_sample=True, sub_sample_input=True)
     torch.nn.init.normal_(block.w_z.weight, std=0.01)  # a trained-looking W_z, as nonlocal_block.py's
-    forms = {"ours": block.to(args.device), "naive": MaterialisedNonLocal(block).to(args.device)}
+    block.to(args.device)
     x = torch.randn(2, args.channels, args.size, args.size, device=args.device, requires_grad=True)
     grad_out = torch.randn(x.shape, device=args.device)
-    for module in forms.values():  # warm-up: kernels, allocator, thread pools
-        time_calls(module, x, grad_out, args.dtype, args.calls)
-    times = {name: [] for name in forms}
-    for round_ in range(args.rounds):
-        for name in (("ours", "naive") if round_ % 2 == 0 else ("naive", "ours")):
-            times[name].append(time_calls(forms[name], x, grad_out, args.dtype, args.calls))
+    forms = {"ours": (block, x, grad_out), "naive": (MaterialisedNonLocal(block), x, grad_out)}
+    times = alternating_times(forms, args.dtype, args.rounds, 0.0, args.rounds, calls=args.calls)
     ratios = [o / n for o, n in zip(times["ours"], times["naive"])]
     return {
         "mode": mode,

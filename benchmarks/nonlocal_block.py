@@ -166,16 +166,17 @@ def memory_worker(impl, mode, case, dtype):
     print(json.dumps({"peak_mb": (peak_kib - baseline_kib) / 1024}))
 
 
-def alternating_times(forms, dtype, repeats, min_timing_s, max_rounds):
+def alternating_times(forms, dtype, repeats, min_timing_s, max_rounds, calls=1):
     """
-    {impl: [seconds]} of forward+backward of both forms, after one warm-up pass each: they alternate
+    {impl: [seconds per forward+backward]} of both forms, after one warm-up round each: they alternate
     (ours, naive, then naive, ours, ...) so that a change of the machine's load hits both alike, for at
     least ``repeats`` rounds, more for quick cases until ``min_timing_s`` have passed (at most
-    ``max_rounds``). On CUDA each run is synchronised.
+    ``max_rounds``). A round is ``calls`` forward+backward passes, synchronised once at its end on CUDA.
     """
     def run(impl):
         module, x, grad_out = forms[impl]
-        forward_backward(module, x, grad_out, dtype)
+        for _ in range(calls):
+            forward_backward(module, x, grad_out, dtype)
         if x.is_cuda:
             torch.cuda.synchronize()
 
@@ -188,7 +189,7 @@ def alternating_times(forms, dtype, repeats, min_timing_s, max_rounds):
         for impl in IMPLS if round_ % 2 == 0 else reversed(IMPLS):
             start = time.perf_counter()
             run(impl)
-            times[impl].append(time.perf_counter() - start)
+            times[impl].append((time.perf_counter() - start) / calls)
         round_ += 1
     return times
 
